@@ -298,10 +298,14 @@ def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformatio
         key = rng
     else:
         key = jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))
-    zero = jnp.zeros((), jnp.int32)
+    # Each counter gets its own buffer: a state that shares one array between
+    # leaves cannot be donated to a jitted step ("donate the same buffer twice").
+    def zero():
+        return jnp.zeros((), jnp.int32)
+
     return graphdef, TrainState(params=params, non_trainable=rest, opt_state=optimizer.init(params),
-                                step=zero, rng=key, skipped_total=zero, skipped_consecutive=zero,
-                                extra=extra)
+                                step=zero(), rng=key, skipped_total=zero(),
+                                skipped_consecutive=zero(), extra=extra)
 
 
 def merge_model(graphdef: Any, state: TrainState) -> nnx.Module:

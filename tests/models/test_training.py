@@ -262,3 +262,15 @@ def test_merge_model_round_trip():
     assert leaves_equal_bits(nnx.state(merged), nnx.state(model))
     assert jax.random.key_data(state.rng).tolist() == \
         jax.random.key_data(jax.random.key(2)).tolist()
+
+
+def test_fresh_state_can_be_donated():
+    """A freshly created state must not share buffers between leaves."""
+    optimizer, schedule = training.make_optimizer(training.default_optimizer_config(
+        learning_rate=0.01, schedule="constant", warmup=0, total_steps=10))
+    graphdef, state = training.create_train_state(TinyLM(rngs=nnx.Rngs(0)), optimizer, rng=3)
+    step = jax.jit(training.make_train_step(graphdef, lm_loss, optimizer, schedule=schedule),
+                   donate_argnums=0)
+    state, metrics = step(state, make_batch(4))
+    state, metrics = step(state, make_batch(4))
+    assert int(state.step) == 2 and np.isfinite(float(metrics["loss"]))
