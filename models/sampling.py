@@ -13,11 +13,20 @@ hence there is nothing to donate.
 n samples per prompt: the prompt is prefilled once, then its cache and first
 logits are repeated n times; output row i * n + j is sample j of prompt i.
 
-Cache: P + max_new_tokens slots; the prefill attends over its P slots only,
-each decode step over all of them (masked). Rows that have stopped keep
-running (their outputs are discarded) until every row stops. Randomness: the
-draw at step t uses fold_in(key, t), one uniform per row (inverse CDF);
-top-k / top-p cuts are found by bisection, without a sort (`filter_logits`).
+Cache: grows with the output, in segments (`decode_plan`). Decode step s
+(1 <= s < N) writes the previous token at slot P + s - 1 and attends over
+every slot of the cache it is given (masked), so reading a fixed
+P + N-slot cache would cost every step as much as the last one. Instead the
+decode loop is cut into a few `lax.while_loop`s, segment i running steps
+[start_i, stop_i) over a cache of exactly P + stop_i - 1 slots, the least its
+last step needs; between segments the cache is padded to the next width (one
+copy per segment). With k equal segments a step reads on average
+P + N (k + 1) / (2k) slots instead of P + N. Each segment compiles its own
+copy of the decode step; an empty later segment exits at once. Rows that
+have stopped keep running (their outputs are discarded) until every row
+stops. Randomness: the draw at step t uses fold_in(key, t), one uniform per
+row (inverse CDF); top-k / top-p cuts are found by bisection, without a sort
+(`filter_logits`).
 
 Log-probs: `logprobs[b, t] = log softmax(z_t)[y_t]` of the *untempered* model
 (temperature 1, no top-k/top-p), whatever the sampling settings, i.e. exactly
@@ -36,10 +45,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.qwen3 import Qwen3, init_cache
+from models.qwen3 import KVCache, Qwen3, init_cache
 
-__all__ = ["GenerateOutput", "filter_logits", "last_real_index", "generate",
+__all__ = ["GenerateOutput", "filter_logits", "last_real_index", "decode_plan", "generate",
            "completion_logprobs", "score"]
+
+# Default number of decode segments: one per 32 decode steps, at most 4 (each
+# segment compiles its own copy of the decode step; 4 already read on average
+# P + 0.625 N slots per step instead of P + N).
+SEGMENT_STEPS, MAX_SEGMENTS = 32, 4
 
 
 class GenerateOutput(NamedTuple):
@@ -142,17 +156,58 @@ def _pick(logits, key, *, temperature, top_k, top_p):
     return tok, logp[:, 0]
 
 
+def decode_plan(prompt_len: int, max_new_tokens: int, *, segments: int | None = None
+                ) -> tuple[tuple[int, int], ...]:
+    """Static ``((stop_1, width_1), ..., (stop_k, width_k))`` of the decode loop.
+
+    The N - 1 decode steps s = 1 .. N-1 are cut into k nearly equal segments:
+    segment i runs steps [stop_{i-1}, stop_i) (stop_0 = 1, stop_k = N),
+    stop_i = 1 + ceil((N - 1) i / k), over a cache of width_i = P + stop_i - 1
+    slots (step s writes slot P + s - 1 and reads slots [0, P + s)).
+    ``segments=None`` picks k = min(MAX_SEGMENTS, ceil((N - 1) / SEGMENT_STEPS));
+    k is capped at N - 1. N = 1 has no decode step: ``()``.
+
+    >>> decode_plan(7, 16, segments=3)
+    ((6, 12), (11, 17), (16, 22))
+    """
+    if isinstance(segments, bool) or not (segments is None or (
+            isinstance(segments, int) and segments >= 1)):
+        raise ValueError(f"decode_segments must be None or an int >= 1, got {segments!r}")
+    steps = max_new_tokens - 1
+    if steps < 1:
+        return ()
+    k = min(MAX_SEGMENTS, -(-steps // SEGMENT_STEPS)) if segments is None else segments
+    k = min(k, steps)
+    stops = [1 + -(-steps * i // k) for i in range(1, k + 1)]
+    return tuple((stop, prompt_len + stop - 1) for stop in stops)
+
+
+def _grow(cache: KVCache, width: int) -> KVCache:
+    """The cache padded with empty (masked) slots to ``width`` slots
+    (k, v [B, K, D, S], mask [B, S]: see models.qwen3.KVCache)."""
+    extra = width - cache.mask.shape[1]
+    if extra == 0:
+        return cache
+
+    def pad(x):   # slots are the minor axis of every cache array
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+
+    return cache._replace(k=tuple(map(pad, cache.k)), v=tuple(map(pad, cache.v)),
+                          mask=pad(cache.mask))
+
+
 @functools.partial(jax.jit, static_argnames=(
     "graphdef", "max_new_tokens", "n_samples", "temperature", "top_k", "top_p",
-    "stop_ids", "pad_id"))
+    "stop_ids", "pad_id", "segments"))
 def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, max_new_tokens, n_samples,
-              temperature, top_k, top_p, stop_ids, pad_id) -> GenerateOutput:
+              temperature, top_k, top_p, stop_ids, pad_id, segments=None) -> GenerateOutput:
     model: Qwen3 = nnx.merge(graphdef, state)
     b, p = prompt_ids.shape
     pick = functools.partial(_pick, temperature=temperature, top_k=top_k, top_p=top_p)
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+    plan = decode_plan(p, max_new_tokens, segments=segments)
 
-    cache = init_cache(model.config, batch_size=b, max_length=p + max_new_tokens)
+    cache = init_cache(model.config, batch_size=b, max_length=plan[0][1] if plan else p)
     hidden, cache = model.hidden_states(prompt_ids, attention_mask=prompt_mask, cache=cache)
     last = jnp.take_along_axis(hidden, last_real_index(prompt_mask)[:, None, None], axis=1)
     logits = model.logits(last[:, 0])
@@ -169,9 +224,9 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, max_new_tokens, 
     lengths = jnp.ones((rows,), jnp.int32)
     ones = jnp.ones((rows, 1), bool)
 
-    def cond(carry):
+    def cond(carry, stop):
         step, _, _, done, *_ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
+        return (step < stop) & ~jnp.all(done)
 
     def body(carry):
         step, cache, tok, done, tokens, logprobs, lengths = carry
@@ -186,7 +241,10 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, max_new_tokens, 
 
     cache = cache._replace(end=jnp.asarray(cache.end, jnp.int32))  # now a loop variable
     carry = (jnp.ones((), jnp.int32), cache, tok, done, tokens, logprobs, lengths)
-    step, _, _, _, tokens, logprobs, lengths = jax.lax.while_loop(cond, body, carry)
+    for stop, width in plan:
+        carry = (carry[0], _grow(carry[1], width), *carry[2:])
+        carry = jax.lax.while_loop(functools.partial(cond, stop=stop), body, carry)
+    step, _, _, _, tokens, logprobs, lengths = carry
     return GenerateOutput(tokens=tokens, lengths=lengths, logprobs=logprobs, steps=step)
 
 
@@ -203,8 +261,8 @@ def _check_prompt(ids, mask, name: str) -> None:
 def generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array,
              prompt_mask: jax.Array, *, key: jax.Array | None = None, max_new_tokens: int,
              n_samples: int = 1, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, stop_ids: tuple[int, ...] = (), pad_id: int = 0
-             ) -> GenerateOutput:
+             top_p: float = 1.0, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
+             decode_segments: int | None = None) -> GenerateOutput:
     """Sample continuations of padded prompts (graphdef, state = nnx.split(model)).
 
     prompt_ids, prompt_mask: [B, P], mask 1 = real. Left padding is the usual
@@ -212,6 +270,9 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array,
     positions count real tokens). temperature == 0 is greedy (key unused).
     A sequence stops after emitting any id in `stop_ids` (kept in its output).
     Needs P + max_new_tokens <= config.max_position_embeddings.
+    decode_segments: number of decode-loop segments over a growing cache
+    (`decode_plan`; None = automatic). It changes speed and compile time only,
+    not the result (up to float rounding of sums over masked slots).
     """
     _check_prompt(prompt_ids, prompt_mask, "prompt_mask")
     config = nnx.merge(graphdef, state).config   # host-side, ~5 ms for 28 layers
@@ -221,6 +282,7 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array,
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     _check_filter(top_k, top_p)
+    decode_plan(1, 2, segments=decode_segments)   # validates decode_segments
     if prompt_ids.shape[1] + max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"prompt length {prompt_ids.shape[1]} + max_new_tokens "
                          f"{max_new_tokens} exceeds max_position_embeddings "
@@ -237,7 +299,7 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array,
                      jnp.asarray(prompt_mask, bool), key,
                      max_new_tokens=int(max_new_tokens), n_samples=int(n_samples),
                      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                     stop_ids=stop_ids, pad_id=int(pad_id))
+                     stop_ids=stop_ids, pad_id=int(pad_id), segments=decode_segments)
 
 
 def completion_logprobs(model: Qwen3, prompt_ids: jax.Array, prompt_mask: jax.Array,
