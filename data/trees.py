@@ -29,7 +29,7 @@ from data.tree_tokens import (TASKS, TreeVocab, build_batch, prompt_batch, promp
 __all__ = [
     "TASKS", "TreeVocab", "PathProblem", "random_tree", "perfect_binary_tree", "branching_tree",
     "make_problem", "problem_sampler", "canonical_form", "labelled_form", "sample_problems",
-    "backward_chain", "keep_every_k", "keep_ratio", "prompt_tokens", "target_tokens",
+    "backward_chain", "sorted_path", "keep_every_k", "keep_ratio", "prompt_tokens", "target_tokens",
     "build_batch", "prompt_batch", "reference_targets", "teacher_forced_spans", "score",
 ]
 
@@ -268,6 +268,12 @@ def sample_problems(rng: np.random.Generator, count: int, *,
 def backward_chain(problem: PathProblem) -> np.ndarray:
     """Labels goal -> root."""
     return problem.path[::-1].copy()
+
+
+def sorted_path(problem: PathProblem) -> np.ndarray:
+    """Labels of the root-goal path in ascending order: the answer of the lab's
+    two-stage "filter then sort" task (filter the tree to the path, then sort)."""
+    return np.sort(problem.path)
 
 
 def keep_every_k(chain: np.ndarray, *, k: int) -> np.ndarray:

@@ -17,6 +17,10 @@ Padding may be on either side: masked tokens are never attended to and, by
 default, positions count real tokens only (0 for the first real one), so a
 sequence has the same logits whatever padding surrounds it.
 
+Attention probabilities can be recorded for analysis (`with_attention_probs`);
+recording is off by default and then costs nothing (a Python-level switch, the
+traced program is unchanged).
+
 Parameters are stored in `param_dtype` and computed in `dtype`; RMSNorm
 statistics, softmax and the returned logits are float32. Every parameter
 carries logical axis names (embed, vocab, heads, kv_heads, head_dim, mlp, norm)
@@ -35,7 +39,7 @@ from flax import nnx
 
 __all__ = ["DTYPES", "PRESETS", "Qwen3Config", "preset", "KVCache", "init_cache",
            "default_positions", "rope", "RMSNorm", "Attention", "MLP",
-           "DecoderBlock", "Qwen3"]
+           "DecoderBlock", "Qwen3", "with_attention_probs"]
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 
@@ -270,6 +274,7 @@ class Attention(nnx.Module):
         self.groups = h // k
         self.theta = config.rope_theta
         self.dtype = config.compute_dtype
+        self.record_probs = False   # static switch, see `with_attention_probs`
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, mask: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None = None,
@@ -305,7 +310,11 @@ class Attention(nnx.Module):
         scores = jnp.einsum("bkqd,bkds->bkqs", q, k_read, preferred_element_type=jnp.float32)
         scores = scores.reshape(b, kh, t, g, -1) * d ** -0.5
         scores = jnp.where(mask[:, None, :, None, :], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, kh, t * g, -1)
+        probs = jax.nn.softmax(scores, axis=-1)
+        if self.record_probs:   # [B, K, T, G, W] -> [B, H, T, W], h = kv_head * G + g
+            self.sow(nnx.Intermediate, "attention_probs",
+                     probs.transpose(0, 1, 3, 2, 4).reshape(b, kh * g, t, -1))
+        probs = probs.astype(self.dtype).reshape(b, kh, t * g, -1)
         out = jnp.einsum("bkds,bkqs->bkdq", v_read, probs).reshape(b, kh, d, t, g)
         out = out.transpose(0, 3, 1, 4, 2).reshape(b, t, kh * g * d)
         y = out @ self.o_proj[...].astype(self.dtype).reshape(kh * g * d, e)
@@ -432,3 +441,35 @@ class Qwen3(nnx.Module):
             return self.logits(out)
         hidden, new_cache = out
         return self.logits(hidden), new_cache
+
+
+def with_attention_probs(fn, model: nnx.Module, *args, **kwargs):
+    """Run ``fn(model, *args, **kwargs)`` and also return every attention map it computed.
+
+    Returns ``(out, probs)``: ``probs`` is a tuple with one float32 array
+    [B, H, T, W] per attention call, in layer order (a layer called twice
+    contributes two entries): ``probs[l][b, h, t, w]`` is the softmax weight
+    that query head h of query t gives key slot w (each row sums to 1 over its
+    attendable slots; masked slots get 0). Query head h reads kv head
+    ``h // (H // K)``.
+
+    Recording switches ``Attention.record_probs`` on for this call only and
+    collects the values with ``nnx.capture``; it works eagerly and inside
+    ``jax.jit`` (merge the model inside the traced function).
+    """
+    attns = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, Attention)]
+    for _, m in attns:
+        m.record_probs = True
+    try:
+        out, captured = nnx.capture(fn, nnx.Intermediate)(model, *args, **kwargs)
+    finally:
+        for _, m in attns:
+            m.record_probs = False
+    probs = []
+    for path, _ in attns:
+        node = captured
+        for key in path:
+            node = node.get(key, {}) if hasattr(node, "get") else {}
+        if "attention_probs" in node:
+            probs.extend(node["attention_probs"].get_value())
+    return out, tuple(probs)

@@ -296,3 +296,12 @@ def test_compressed_targets():
                                   ids([5, 3, 1]) + [vocab.EOS])
     np.testing.assert_array_equal(T.target_tokens(p, vocab=vocab, task="forward_cot", keep=keep),
                                   ids([5, 3, 1]) + [vocab.STAGE] + ids([1, 2, 3, 4, 5]) + [vocab.EOS])
+
+
+def test_sorted_path_is_the_path_in_ascending_order():
+    np.testing.assert_array_equal(T.sorted_path(HAND), [2, 4, 8])
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        p = SAMPLERS["random"](rng)
+        s = T.sorted_path(p)
+        assert (np.diff(s) > 0).all() and set(s.tolist()) == set(p.path.tolist())
