@@ -313,16 +313,19 @@ def parse(argv: Sequence[str] | None = None, *, default: str | None = None,
 def run(main: Callable[[ml_collections.ConfigDict], Any], *, default: str | None = None,
         argv: Sequence[str] | None = None,
         validators: Sequence[Callable[[ml_collections.ConfigDict], None]] = ()) -> Any:
-    """``main(parse(argv, ...))``; a ConfigError prints ``error: ...`` and exits with status 2."""
+    """``main(parse(argv, ...))``; a ConfigError prints ``error: ...`` and exits with status 2.
+
+    That holds for a ConfigError raised by ``main`` too (e.g. ``write_run_config``
+    finding that a resumed run's config changed in a key that cannot change).
+    """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        config = parse(argv, default=default, validators=validators)
+        return main(parse(argv, default=default, validators=validators))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    return main(config)
 
 
 # ----------------------------------------------------------------------------- run directory

@@ -9,7 +9,7 @@ measured time). The baseline (generic surprisal compressor) is
 import ml_collections
 
 from experiments import cli
-from models.training import default_optimizer_config
+from models.training import default_optimizer_config, make_optimizer
 
 KINDS = ("formula", "surprisal")
 KEEP_POLICIES = ("essential", "essential+supporting")
@@ -87,6 +87,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "must be at least train.bucket (one row of the narrowest width)")
     cli.check(config, "train.optim.total_steps", lambda v: v == config.train.steps,
               "must equal train.steps")
+    try:
+        make_optimizer(config.train.optim, name="train.optim")
+    except ValueError as err:
+        raise cli.ConfigError(f"config key 'train.optim': {err}") from None
     cli.check(config, "eval.ratios", lambda v: len(v) > 0 and all(0 < r <= 1 for r in v),
               "must be a non-empty list of ratios in (0, 1]")
     cli.check(config, "model.num_kv_heads", lambda v: config.model.num_heads % v == 0,

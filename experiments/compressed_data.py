@@ -1,0 +1,136 @@
+"""Stages between the base model and mixed-ratio SFT: compressors, self-CoTs, compressed data.
+
+- ``compressor``: trains the formula-aware compressor (experiments/train_compressor.py,
+  config block ``compressor``) on the run's annotated problems and tokenizer; with
+  ``compress.baseline_scorer='trained'`` also the generic baseline (block
+  ``compressor_baseline``, token surprisal under a small LM trained on the same CoTs).
+- ``selfcot``: the base model answers the SFT questions (greedy, base mode); its
+  correct chains of thought are kept (Extra-CoT compresses the model's own CoTs).
+  ``selfcot.fill_with_reference`` (tiny test configs only) adds the reference
+  CoT of every question the model got wrong.
+- ``compress``: each kept CoT is compressed at every ratio of ``compress.ratios``
+  from one scoring pass, each result is re-bucketed by its *measured* ratio
+  (``data.compression.rebucket``), and only questions present at every level are
+  kept (``complete_questions``). Written twice: ``formula.jsonl`` (Extra-CoT) and
+  ``baseline.jsonl`` (the TokenSkip-style data; ``baseline_scorer='base_lm'``
+  scores tokens by their surprisal under the base model itself, in context).
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+import numpy as np
+
+from data.compression import CompressedCoT, complete_questions, rebucket
+from data.formats import LEVELS, THINK_OPEN, build_prompt
+from experiments import rundir
+from experiments.datasets import read_questions
+from experiments.rollouts import answer_questions
+from experiments.train_compressor import compress_batch, load_compressor
+from models.compressor import Scorer, surprisal_scorer
+
+__all__ = ["compressor_config", "compressor", "selfcot", "compressed_rows", "compress",
+           "STAGES"]
+
+
+def compressor_config(block: ml_collections.ConfigDict, run: rundir.Run, *, name: str
+                      ) -> ml_collections.ConfigDict:
+    """The train_compressor config of this run: ``block`` with the run's paths filled in."""
+    from experiments.configs import compressor as compressor_configs  # noqa: PLC0415
+
+    cfg = ml_collections.ConfigDict(block.to_dict(preserve_field_references=True))
+    cfg.run_dir = run.path(name)
+    cfg.data.tokenizer_path = run.tokenizer_path()
+    cfg.data.problems_path = run.path("data", "compressor_problems.jsonl")
+    compressor_configs.validate(cfg)
+    return cfg
+
+
+def compressor(config, run: rundir.Run) -> dict:
+    """Train the compressor(s); returns their held-out metrics."""
+    from experiments import train_compressor  # noqa: PLC0415
+
+    out = {}
+    names = [("compressor", config.compressor)]
+    if config.compress.baseline_scorer == "trained":
+        names.append(("compressor_baseline", config.compressor_baseline))
+    for name, block in names:
+        metrics = train_compressor.main(compressor_config(block, run, name=name))
+        out.update({f"{name}/{k}": float(v) for k, v in metrics.items()})
+    return out
+
+
+def selfcot(config, run: rundir.Run) -> dict:
+    """Greedy base-model answers to the SFT questions; keep the correct CoTs."""
+    tok = run.tokenizer()
+    block = config.selfcot
+    questions = read_questions(run.path("data", "sft.jsonl"))
+    questions = questions[:block.num_questions]
+    model = rundir.load_model(run.path("sft_base"))
+    judged = answer_questions(model, tok, questions, control=None, batch_size=block.batch_size,
+                              max_new_tokens=block.max_new_tokens)
+    rows = [{"uid": q.uid, "cot_ids": list(j.cot_ids), "think_length": j.think_length,
+             "source": "model"} for q, j in zip(questions, judged) if j.correct and j.cot_ids]
+    correct = len(rows)
+    if block.fill_with_reference:  # tiny test configs: a model that solves nothing yet
+        own = {r["uid"] for r in rows}
+        rows += [{"uid": q.uid, "cot_ids": tok.encode(q.cot), "think_length": -1,
+                  "source": "reference"} for q in questions if q.uid not in own]
+    rundir.write_jsonl(os.path.join(run.stage_dir("selfcot"), "cots.jsonl"), rows)
+    return {"questions": len(questions), "kept": len(rows),
+            "accuracy": correct / max(len(questions), 1),
+            "think_tokens": float(np.mean([j.think_length for j in judged]))}
+
+
+def compressed_rows(scorer: Scorer, question_ids, cots: list[dict], ratios) -> list[dict]:
+    """Rows {uid, level, ratio, cot_ids} of the questions present at every level."""
+    kept = compress_batch(scorer, question_ids, [c["cot_ids"] for c in cots], ratios)
+    samples = [CompressedCoT(question_id=c["uid"], target_ratio=float(g), think_ids=tuple(ids),
+                             full_length=len(c["cot_ids"]))
+               for c, by_ratio in zip(cots, kept) for g, ids in by_ratio.items()]
+    buckets = complete_questions(rebucket(samples, one_per_level=True), LEVELS)
+    order = {c["uid"]: i for i, c in enumerate(cots)}
+    rows = [{"uid": uid, "level": level, "ratio": s.measured_ratio, "cot_ids": list(s.think_ids)}
+            for level in LEVELS for uid, group in buckets[level].items() for s in group]
+    return sorted(rows, key=lambda r: (order[r["uid"]], r["level"]))
+
+
+def _stats(rows: list[dict], prefix: str) -> dict:
+    out = {f"{prefix}/questions": len({r["uid"] for r in rows})}
+    for level in LEVELS:
+        ratios = [r["ratio"] for r in rows if r["level"] == level]
+        out[f"{prefix}/ratio@{level}"] = float(np.mean(ratios)) if ratios else float("nan")
+    return out
+
+
+def compress(config, run: rundir.Run) -> dict:
+    """formula.jsonl and baseline.jsonl: re-bucketed compressed self-CoTs."""
+    tok = run.tokenizer()
+    questions = {q.uid: q for q in read_questions(run.path("data", "sft.jsonl"))}
+    cots = rundir.read_jsonl(run.path("selfcot", "cots.jsonl"))
+    if not cots:
+        raise ValueError("the base model solved no SFT question; nothing to compress")
+    ratios = tuple(config.compress.ratios)
+    out_dir = run.stage_dir("compress")
+    formula, _ = load_compressor(run.path("compressor"), batch_size=config.compress.batch_size)
+    plain = [tok.encode(questions[c["uid"]].question) for c in cots]
+    rows = compressed_rows(formula, plain, cots, ratios)
+    rundir.write_jsonl(os.path.join(out_dir, "formula.jsonl"), rows)
+    summary = _stats(rows, "formula")
+    if config.compress.baseline_scorer == "trained":
+        baseline, _ = load_compressor(run.path("compressor_baseline"),
+                                      batch_size=config.compress.batch_size)
+        prefixes = plain
+    else:  # the base model's own surprisal of each CoT token, after its chat prompt
+        lm = rundir.load_model(run.path("sft_base"))
+        baseline = surprisal_scorer(lm, sep_id=None, batch_size=config.compress.batch_size)
+        opener = [tok.token_to_id(THINK_OPEN), *tok.encode("\n")]
+        prefixes = [build_prompt(tok, questions[c["uid"]].question) + opener for c in cots]
+    rows = compressed_rows(baseline, prefixes, cots, ratios)
+    rundir.write_jsonl(os.path.join(out_dir, "baseline.jsonl"), rows)
+    summary.update(_stats(rows, "baseline"))
+    return summary
+
+
+STAGES = {"compressor": compressor, "selfcot": selfcot, "compress": compress}

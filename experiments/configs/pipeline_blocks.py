@@ -1,0 +1,231 @@
+"""Per-stage config blocks of the main job, and the validation every pipeline config shares.
+
+A pipeline config (default.py, test.py, qwen3_*.py) is ``base_config()`` with
+some values changed. Keys, by block:
+
+    seed, run_dir, stage ('all' or a comma list of experiments.pipeline.STAGE_ORDER)
+    data           source ('arithmetic' | 'benchmarks'), arithmetic (data.arithmetic
+                   .ArithmeticConfig fields), sizes/seeds per split, tokenizer
+    model          source ('config' | 'hf'), architecture of a fresh decoder or hf_path
+    sft_base, sft_mixed, sft_policy, sft_tokenskip
+                   init (a stage name or 'scratch'), steps, batch_tokens, bucket,
+                   max_length, optim (models.training.OPTIMIZER_DEFAULTS)
+    compressor, compressor_baseline
+                   experiments/configs/compressor.py blocks (paths filled in per run)
+    selfcot, compress, calibrate, rl, evaluate     see each stage's module
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+import chrpo
+from data.arithmetic import ArithmeticConfig
+from data.formats import LEVELS
+from experiments import cli
+from experiments.configs import compressor as compressor_configs
+from models.training import default_optimizer_config, make_optimizer
+
+SOURCES = ("arithmetic", "benchmarks")
+MODEL_SOURCES = ("config", "hf")
+BASELINE_SCORERS = ("base_lm", "trained")
+STD_ESTIMATORS = ("grpo", "hierarchical")
+SFT_BLOCKS = ("sft_base", "sft_mixed", "sft_policy", "sft_tokenskip")
+
+
+def sft_block(*, init: str, steps: int, learning_rate: float, batch_tokens: int = 4096,
+              bucket: int = 128, max_length: int = 512) -> ml_collections.ConfigDict:
+    b = ml_collections.ConfigDict()
+    b.init = init
+    total = ml_collections.FieldReference(steps)
+    b.steps = total
+    b.batch_tokens = batch_tokens
+    b.bucket = bucket
+    b.max_length = max_length
+    b.log_every = 10
+    b.checkpoint_every = 100
+    b.max_consecutive_skips = 10   # non-finite updates in a row before the run stops
+    b.optim = default_optimizer_config(learning_rate=learning_rate, total_steps=total,
+                                       warmup=0.05, weight_decay=0.05, grad_clip=1.0,
+                                       min_lr_ratio=0.1)
+    return b
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.run_dir = "runs/main"
+    c.stage = "all"
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "arithmetic"
+    # 2-3 step chains of two-digit values with small operands: what a 2-layer decoder
+    # learns in a few CPU minutes (docs/results.md: measurements behind this choice)
+    d.arithmetic = ml_collections.ConfigDict({
+        "max_steps": 3, "max_digits": 2, "max_operand": 11, "max_start": 20,
+        "op_weights": (1.0, 1.0, 0.3, 0.3)})
+    d.tokenizer_path = ""         # '' -> train SentencePiece on tokenizer_problems problems
+    d.vocab_size = 768
+    d.tokenizer_problems = 2000
+    d.compressor_problems = 2000  # annotated problems the compressor learns from
+    d.sizes = ml_collections.ConfigDict({"sft": 8000, "rl": 256, "val": 200, "test": 300})
+    d.seeds = ml_collections.ConfigDict({"tokenizer": 0, "compressor": 1, "sft": 10, "rl": 20,
+                                         "val": 30, "test": 40})
+    # benchmarks: per split (name, local file or dir, benchmark split, first record, count)
+    d.benchmarks = ml_collections.ConfigDict({
+        "sft": ("metamathqa", "", "train", 0, 4000), "rl": ("gsm8k", "", "train", 0, 512),
+        "val": ("gsm8k", "", "test", 0, 200), "test": ("gsm8k", "", "test", 200, 1119)})
+
+    c.model = m = ml_collections.ConfigDict()
+    m.source = "config"
+    m.hf_path = ""
+    m.hidden_size = 128
+    m.intermediate_size = 384
+    m.num_layers = 2
+    m.num_heads = 4
+    m.num_kv_heads = 2
+    m.head_dim = 32
+    m.rope_theta = 1e4
+    m.max_position_embeddings = 2048
+    m.dtype = "float32"
+    m.param_dtype = "float32"
+
+    c.sft_base = sft_block(init="scratch", steps=800, learning_rate=3e-3, batch_tokens=2048)
+    c.sft_mixed = sft_block(init="sft_base", steps=300, learning_rate=1e-3, batch_tokens=2048)
+    c.sft_policy = sft_block(init="sft_mixed", steps=40, learning_rate=5e-4, batch_tokens=2048)
+    c.sft_policy.level_examples = True
+    c.sft_tokenskip = sft_block(init="sft_base", steps=300, learning_rate=1e-3,  # = sft_mixed
+                             batch_tokens=2048)
+
+    c.compressor = compressor_configs.get_config()
+    c.compressor_baseline = compressor_configs.get_config()
+    c.compressor_baseline.kind = "surprisal"
+
+    c.selfcot = ml_collections.ConfigDict({"num_questions": 2000, "batch_size": 128,
+                                           "max_new_tokens": 320,
+                                           "fill_with_reference": False})
+    c.compress = ml_collections.ConfigDict({
+        "ratios": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+        "baseline_scorer": "base_lm", "batch_size": 64})
+    c.calibrate = ml_collections.ConfigDict({"batch_size": 128, "max_new_tokens": 320})
+
+    c.rl = r = ml_collections.ConfigDict()
+    r.init = "sft_policy"
+    r.steps = 10
+    r.prompts_per_step = 16
+    r.policy_samples = 4
+    r.forced_levels = (20, 40)
+    r.forced_samples = 2
+    r.temperature = 1.0
+    r.max_new_tokens = 256
+    r.completion_bucket = 64
+    r.passes = 1
+    r.minibatches = 2
+    r.budget = config_dict.placeholder(float)   # global mean-ratio budget B; None = off
+    r.lagrange_step_size = 0.5
+    r.log_every = 1
+    r.checkpoint_every = 10
+    r.max_consecutive_skips = 10   # non-finite updates in a row before the run stops
+    r.optim = default_optimizer_config(learning_rate=2e-4, total_steps=1, warmup=0.0,
+                                       schedule="constant", weight_decay=0.0, grad_clip=1.0)
+    r.objective = ml_collections.ConfigDict(chrpo.get_preset("chrpo").as_flat_dict())
+    r.objective.max_len = config_dict.placeholder(int)
+
+    c.evaluate = ml_collections.ConfigDict({
+        "num_questions": 300, "batch_size": 150, "max_new_tokens": 320,
+        "levels": LEVELS, "tokenskip_levels": LEVELS, "difficulty_key": "n_steps"})
+    return c
+
+
+def _positive_int(config, key: str) -> None:
+    cli.check(config, key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+              "must be a positive int")
+
+
+def _check_block(key: str, build) -> None:
+    """Build a block's own object now, so its ValueError names the key before any work."""
+    try:
+        build()
+    except (TypeError, ValueError) as err:
+        raise cli.ConfigError(f"config key '{key}': {err}") from None
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Reject out-of-range values before any work starts, naming the key."""
+    from experiments.pipeline import STAGE_ORDER, selected_stages  # noqa: PLC0415
+
+    selected_stages(config.stage)
+    cli.check(config, "run_dir", bool, "must be a directory path")
+    cli.check(config, "seed", lambda v: isinstance(v, int) and v >= 0, "must be an int >= 0")
+    cli.check_choice(config, "data.source", SOURCES)
+    cli.check_choice(config, "model.source", MODEL_SOURCES)
+    cli.check_range(config, "data.vocab_size", low=300, high=65536)
+    for split in ("sft", "rl", "val", "test"):
+        _positive_int(config, f"data.sizes.{split}")
+    if config.data.source == "benchmarks" and not config.data.tokenizer_path:
+        raise cli.ConfigError("config key 'data.tokenizer_path' must name a tokenizer.json "
+                              "when data.source='benchmarks'")
+    if config.model.source == "hf":
+        cli.check(config, "model.hf_path", bool, "must name a local Hugging Face directory")
+    for block in SFT_BLOCKS:
+        cli.check_choice(config, f"{block}.init", ("scratch",) + STAGE_ORDER)
+        cli.check(config, f"{block}.steps", lambda v: isinstance(v, int) and v >= 0,
+                  "must be an int >= 0 (0 keeps the init model)")
+        for key in ("batch_tokens", "bucket", "max_length", "log_every", "checkpoint_every",
+                    "max_consecutive_skips"):
+            _positive_int(config, f"{block}.{key}")
+        cli.check(config, f"{block}.max_length", lambda v, b=block: v >= config[b].bucket,
+                  f"must be >= {block}.bucket")
+        if config[block].steps >= 1:
+            _check_block(f"{block}.optim",
+                         lambda b=block: make_optimizer(config[b].optim, name=f"{b}.optim"))
+    if config.data.source == "arithmetic":
+        _check_block("data.arithmetic",
+                     lambda: ArithmeticConfig(**config.data.arithmetic.to_dict()))
+    for name in ("compressor", "compressor_baseline"):
+        try:
+            compressor_configs.validate(config[name])
+        except cli.ConfigError as err:
+            raise cli.ConfigError(str(err).replace("config key '", f"config key '{name}.")) from None
+    cli.check(config, "compress.ratios",
+              lambda v: len(v) > 0 and all(0 < g <= 1 for g in v),
+              "must be a non-empty list of ratios in (0, 1]")
+    cli.check_choice(config, "compress.baseline_scorer", BASELINE_SCORERS)
+    for key in ("selfcot.num_questions", "selfcot.batch_size", "selfcot.max_new_tokens",
+                "calibrate.batch_size", "calibrate.max_new_tokens", "compress.batch_size",
+                "rl.steps", "rl.prompts_per_step", "rl.policy_samples", "rl.max_new_tokens",
+                "rl.completion_bucket", "rl.passes", "rl.minibatches", "rl.checkpoint_every",
+                "rl.max_consecutive_skips",
+                "evaluate.num_questions", "evaluate.batch_size", "evaluate.max_new_tokens"):
+        _positive_int(config, key)
+    _validate_rl(config)
+    for key in ("evaluate.levels", "evaluate.tokenskip_levels", "rl.forced_levels"):
+        cli.check(config, key, lambda v: all(lv in LEVELS for lv in v),
+                  f"must hold levels among {LEVELS}")
+
+
+def _validate_rl(config: ml_collections.ConfigDict) -> None:
+    r = config.rl
+    cli.check_choice(config, "rl.init", ("sft_policy", "sft_mixed"))
+    updates = r.steps * r.passes * r.minibatches   # rl.py sets rl.optim.total_steps to this
+    _check_block("rl.optim", lambda: make_optimizer({**r.optim.to_dict(), "total_steps": updates},
+                                                    name="rl.optim"))
+    cli.check(config, "rl.forced_samples", lambda v: isinstance(v, int) and v >= 0,
+              "must be an int >= 0")
+    cli.check_range(config, "rl.temperature", low=0.0, low_open=True)
+    cli.check(config, "rl.budget", lambda v: v is None or 0 < v <= 1,
+              "must be None (no global budget) or a mean ratio in (0, 1]")
+    cli.check_range(config, "rl.lagrange_step_size", low=0.0, low_open=True)
+    cli.check_range(config, "rl.objective.tol", low=0.0)
+    try:
+        objective = chrpo.ChrpoConfig().replace(**r.objective.to_dict())
+    except ValueError as err:
+        raise cli.ConfigError(f"config key 'rl.objective': {err}") from None
+    group = r.policy_samples + len(r.forced_levels) * r.forced_samples
+    if objective.advantage.estimator in STD_ESTIMATORS + ("rloo",):
+        cli.check(config, "rl.policy_samples", lambda v: group >= 2,
+                  f"gives a group of {group} rollouts; estimator "
+                  f"'{objective.advantage.estimator}' needs at least 2 per prompt")
+    rows = r.prompts_per_step * group
+    cli.check(config, "rl.minibatches", lambda v: v <= rows and rows % v == 0,
+              f"must divide the {rows} rollouts of a step (equal mini-batch shapes)")

@@ -1,0 +1,176 @@
+"""Questions of a run and the SFT batches built from them.
+
+A *question* row (``data/<split>.jsonl``) is what every later stage needs of a
+problem, whatever its source::
+
+    {"uid", "question", "answer" (gold text), "cot" (reference chain of thought),
+     "difficulty" ({name: int}, e.g. data.arithmetic.Difficulty; {} for benchmarks)}
+
+SFT batches: :func:`sft_batch` is a pure function of ``(seed, step)`` (a resumed
+run sees the same data): one random example picks the row width (its length
+rounded up to a multiple of ``bucket``), then ``batch_tokens // width`` examples
+of that width bucket fill the batch, so every step costs about the same and a
+run compiles one step per width.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from data.arithmetic import Problem
+from data.formats import SFTExample
+from experiments import rundir
+
+__all__ = ["Question", "QUESTION_FIELDS", "question_row", "question_from_row", "read_questions",
+           "sft_batch", "pad_left", "bucket_width"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """One problem as the pipeline sees it."""
+
+    uid: str
+    question: str
+    answer: str
+    cot: str
+    difficulty: dict
+
+    @property
+    def answer_text(self) -> str:
+        """The text after ``</think>``: the gold answer in ``\\boxed{}``."""
+        return f"\\boxed{{{self.answer}}}"
+
+
+def question_row(problem: Problem) -> dict:
+    """The JSONL row of a ``data.arithmetic.Problem``."""
+    return {"uid": problem.uid, "question": problem.question, "answer": str(problem.answer),
+            "cot": problem.cot, "difficulty": dataclasses.asdict(problem.difficulty)}
+
+
+QUESTION_FIELDS = ("uid", "question", "answer", "cot")
+
+
+def read_questions(path: str) -> list[Question]:
+    """The questions of a JSONL file written by `question_row`; a malformed line or
+    a missing field raises ValueError naming file:line."""
+    return [question_from_row(r) for r in rundir.read_jsonl(path, required=QUESTION_FIELDS)]
+
+
+def question_from_row(row: dict) -> Question:
+    return Question(uid=row["uid"], question=row["question"], answer=row["answer"],
+                    cot=row["cot"], difficulty=dict(row.get("difficulty") or {}))
+
+
+def bucket_width(n: int, bucket: int) -> int:
+    """``n`` rounded up to a multiple of ``bucket`` (at least one bucket)."""
+    return max(bucket, -(-int(n) // bucket) * bucket)
+
+
+def sft_batch(examples: Sequence[SFTExample], *, step: int, seed: int, batch_tokens: int,
+              bucket: int, max_length: int) -> dict[str, np.ndarray]:
+    """Batch ``step`` of an SFT run: right-padded ``tokens`` int32, ``mask`` and
+    ``loss_mask`` bool, all [rows, width]; examples longer than ``max_length``
+    are cut to it (their tail loses the loss)."""
+    if not examples:
+        raise ValueError("sft_batch needs at least one example")
+    if max_length < bucket:
+        raise ValueError(f"max_length={max_length} must be >= bucket={bucket}")
+    lengths = np.array([min(len(e.ids), max_length) for e in examples])
+    widths = np.array([bucket_width(n, bucket) for n in lengths])
+    rng = np.random.default_rng([int(seed), int(step)])
+    first = int(rng.integers(len(examples)))
+    width = int(widths[first])
+    rows = max(1, batch_tokens // width)
+    same = np.flatnonzero(widths == width)
+    chosen = np.concatenate([[first], rng.choice(same, rows - 1)]).astype(int)
+    batch = {"tokens": np.zeros((rows, width), np.int32), "mask": np.zeros((rows, width), bool),
+             "loss_mask": np.zeros((rows, width), bool)}
+    for r, i in enumerate(chosen):
+        n = lengths[i]
+        batch["tokens"][r, :n] = examples[i].ids[:n]
+        batch["mask"][r, :n] = True
+        batch["loss_mask"][r, :n] = examples[i].loss_mask[:n]
+    return batch
+
+
+def pad_left(rows: Sequence[Sequence[int]], *, width: int, pad_id: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [B, width], mask bool [B, width]) with each row flush right (left padding),
+    the layout of prompts for ``models.sampling.generate``."""
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for b, row in enumerate(rows):
+        n = len(row)
+        if n > width:
+            raise ValueError(f"row {b} has {n} tokens, more than width={width}")
+        if n:
+            ids[b, width - n:] = np.asarray(row, np.int32)
+            mask[b, width - n:] = True
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- the data stage
+
+SPLITS = ("sft", "rl", "val", "test")
+
+
+def _arithmetic_config(block):
+    from data.arithmetic import ArithmeticConfig  # noqa: PLC0415
+
+    return ArithmeticConfig(**block.to_dict())
+
+
+def _benchmark_rows(block, split: str, work_dir: str) -> list[dict]:
+    """Question rows of one split of a local benchmark (see data/benchmarks.py)."""
+    from data.benchmarks import load_benchmark  # noqa: PLC0415 (tfds: only when used)
+
+    name, path, bench_split, start, count = block[split]
+    records = load_benchmark(name, jsonl_path=path, data_dir=work_dir, split=bench_split)
+    rows = []
+    for i in range(start, min(start + count, len(records))):
+        r = records[i]
+        steps = len([line for line in r["cot"].splitlines() if line.strip()])
+        rows.append({"uid": r["id"], "question": r["question"], "answer": r["answer"],
+                     "cot": r["cot"], "difficulty": {"n_steps": steps}})
+    if not rows:
+        raise ValueError(f"data.benchmarks.{split}: no record in {name}/{bench_split} "
+                         f"from {path} at [{start}, {start + count})")
+    return rows
+
+
+def prepare_data(config, run) -> dict:
+    """Tokenizer and question splits under ``run_dir/data`` (plus the compressor's problems).
+
+    Arithmetic: each split is its own problem stream (``data.seeds``), so splits
+    never share a problem. Benchmarks: slices of local files (``data.benchmarks``).
+    The compressor always learns from annotated synthetic problems
+    (``compressor_problems.jsonl``): real benchmarks carry no span annotations.
+    """
+    from data.arithmetic import generate_problems, save_problems, tokenizer_corpus  # noqa: PLC0415
+    from data.tokenizers import load_tokenizer, train_sentencepiece  # noqa: PLC0415
+    from experiments.rundir import write_jsonl  # noqa: PLC0415
+
+    d = config.data
+    out = run.stage_dir("data")
+    arith = _arithmetic_config(d.arithmetic)
+    if d.tokenizer_path:
+        tokenizer = load_tokenizer(d.tokenizer_path)
+        name = "tokenizer.json" if d.tokenizer_path.endswith(".json") else "tokenizer.model"
+    else:
+        corpus = tokenizer_corpus(generate_problems(d.seeds.tokenizer, d.tokenizer_problems, arith))
+        tokenizer, name = train_sentencepiece(corpus, vocab_size=d.vocab_size), "tokenizer.model"
+    tokenizer.save(f"{out}/{name}")
+    sizes = {}
+    for split in SPLITS:
+        if d.source == "arithmetic":
+            rows = [question_row(p) for p in
+                    generate_problems(d.seeds[split], d.sizes[split], arith)]
+        else:
+            rows = _benchmark_rows(d.benchmarks, split, f"{out}/tfds")
+        write_jsonl(f"{out}/{split}.jsonl", rows)
+        sizes[split] = len(rows)
+    save_problems(f"{out}/compressor_problems.jsonl",
+                  generate_problems(d.seeds.compressor, d.compressor_problems, arith))
+    return {"vocab_size": tokenizer.vocab_size, **{f"n_{k}": v for k, v in sizes.items()}}

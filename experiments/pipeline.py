@@ -1,0 +1,103 @@
+"""The main job: every stage of Extra-CoT + CHRPO in one run directory.
+
+    python -m experiments.pipeline                                  # embedded default
+    python -m experiments.pipeline --config=experiments/configs/test.py --config.run_dir=/tmp/r
+
+Stages, in order (DESIGN.md, data flow of the main job)::
+
+    data           tokenizer + question splits              experiments/datasets.py
+    sft_base       base reasoning model (full CoT SFT)      experiments/sft.py
+    compressor     formula-aware compressor (+ baseline)    experiments/compressed_data.py
+    selfcot        the base model's own correct CoTs        experiments/compressed_data.py
+    compress       compressed at every ratio, re-bucketed   experiments/compressed_data.py
+    sft_mixed      mixed-ratio SFT with <COMP_xx>           experiments/sft.py
+    calibrate      ref_len and target level per RL question experiments/calibrate.py
+    sft_policy     policy-mode warm start                   experiments/sft.py
+    rl             CHRPO                                    experiments/rl.py
+    sft_tokenskip  TokenSkip-style baseline                 experiments/sft.py
+    evaluate       table and plots on held-out problems     experiments/evaluate.py
+
+A stage whose ``<stage>/done.json`` exists is skipped, so a re-run resumes where
+the last one stopped (training stages also resume from their checkpoints).
+``--config.stage=rl`` (or a comma list) runs only the named stages;
+``--config.stage=evaluate_val`` evaluates on the validation split (for tuning).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+
+import ml_collections
+
+from experiments import calibrate, cli, compressed_data, evaluate, rl, rundir, sft
+from experiments.datasets import prepare_data
+
+__all__ = ["STAGE_ORDER", "stage_functions", "selected_stages", "run_stages", "main"]
+
+log = logging.getLogger(__name__)
+DEFAULT_CONFIG = "experiments/configs/default.py"
+STAGE_ORDER = ("data", "sft_base", "compressor", "selfcot", "compress", "sft_mixed",
+               "calibrate", "sft_policy", "rl", "sft_tokenskip", "evaluate")
+EXTRA_STAGES = ("evaluate_val",)   # run only when named: tuning happens on validation
+RESUMABLE = ("stage", "*.log_every", "*.checkpoint_every", "evaluate.*")
+
+
+def stage_functions() -> dict:
+    """Stage name -> ``fn(config, run) -> summary``, in pipeline order."""
+    table = {"data": prepare_data, **sft.STAGES, **compressed_data.STAGES, **calibrate.STAGES,
+             **rl.STAGES, **evaluate.STAGES}
+    return {name: table[name] for name in STAGE_ORDER + EXTRA_STAGES}
+
+
+def selected_stages(stage: str, only: Mapping | None = None) -> list[str]:
+    """Stages named by ``config.stage`` ('all' or a comma list), limited to ``only``."""
+    known = STAGE_ORDER + EXTRA_STAGES
+    names = list(STAGE_ORDER) if stage == "all" else [s.strip() for s in stage.split(",")]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise cli.ConfigError(f"config key 'stage': unknown stages {unknown}; "
+                              f"valid: all or a comma list of {known}")
+    if only is not None:
+        names = [n for n in names if n in only]
+        if not names:
+            raise cli.ConfigError(f"config key 'stage' = {stage!r}: this script runs "
+                                  f"{tuple(only)}; pass --config.stage=<one of them>")
+    return [n for n in known if n in names]
+
+
+def run_stages(config: ml_collections.ConfigDict, *, only: Mapping | None = None) -> dict:
+    """Run the selected stages in order, skipping finished ones; returns their summaries."""
+    names = selected_stages(config.stage, only)
+    os.makedirs(config.run_dir, exist_ok=True)
+    cli.write_run_config(config, config.run_dir, resumable=RESUMABLE)
+    run, functions = rundir.Run(config.run_dir), stage_functions()
+    summaries, start = {}, time.perf_counter()
+    for i, name in enumerate(names, start=1):
+        status = "done, skipping" if run.done(name) else "running"
+        print(f"[{i}/{len(names)}] {name}: {status}", flush=True)
+        summary = rundir.run_stage(run, name, lambda fn=functions[name]: fn(config, run))
+        summaries[name] = summary
+        if not summary.get("skipped"):
+            print(f"[{i}/{len(names)}] {name}: finished in {summary['seconds']:.1f}s "
+                  f"({summary['cpu_seconds']:.0f} CPU-s; total {time.perf_counter() - start:.1f}s,"
+                  f" load {os.getloadavg()[0]:.1f})", flush=True)
+    total = time.perf_counter() - start
+    print(f"stages {', '.join(names)}: {total:.1f}s", flush=True)
+    summaries["total_seconds"] = total
+    return summaries
+
+
+def main(config: ml_collections.ConfigDict) -> dict:
+    """Run the pipeline, then print the results table (when evaluation has run)."""
+    summaries = run_stages(config)
+    table = os.path.join(config.run_dir, "evaluate", "results.md")
+    if os.path.exists(table):
+        with open(table) as f:
+            print(f"\nresults on held-out problems ({config.run_dir}/evaluate):\n" + f.read())
+    return summaries
+
+
+if __name__ == "__main__":
+    cli.run(main, default=DEFAULT_CONFIG)

@@ -1,0 +1,247 @@
+"""CHRPO: reinforcement learning on <COMP_POLICY> prompts (CHRPO.md, stage 3).
+
+    python -m experiments.rl --config=experiments/configs/default.py --config.stage=rl
+
+One RL step, as a recipe (the math is chrpo/, the model code models/):
+
+1. prompts: ``rl.prompts_per_step`` RL questions, in an order that is a pure
+   function of (seed, epoch);
+2. rollouts: per prompt ``policy_samples`` policy-mode samples and, for each
+   level of ``forced_levels``, ``forced_samples`` samples whose response is
+   forced to open with that control token (``experiments.rollouts.rollout_groups``);
+3. judge: parse (data/formats.py) and check answers (data/answers.py); reward
+   inputs use the calibrated ``ref_len`` and ``target`` of each question;
+4. rewards and advantages once per batch: ``chrpo.compute_advantages`` (the
+   hierarchical estimator gets the level subgroups);
+5. behaviour and reference log-probs: ``models.sampling.score`` under the
+   policy before the update and under the frozen warm-start model;
+6. ``rl.passes`` passes over ``rl.minibatches`` shuffled mini-batches with
+   ``chrpo.policy_loss`` (``models.training.make_train_step``: clipping and
+   non-finite skipping);
+7. Lagrange multiplier: ``chrpo.update_lagrange`` on the policy rollouts' mean
+   realized ratio (when ``rl.budget`` is set).
+
+The checkpoint holds the whole state: params, optimiser, multiplier, RL step,
+data position and both PRNG keys (``TrainState.extra``), so a resumed run is
+the same run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+import chrpo
+from data.formats import LEVELS, build_prompt
+from experiments import cli, rundir
+from experiments.datasets import bucket_width, read_questions
+from experiments.metrics import MetricWriter, Progress, Timer
+from experiments.rollouts import RolloutGroups, rollout_groups
+from models.checkpoint import CheckpointManager, abstract_tree
+from models.sampling import completion_logprobs, score
+from models.training import (check_finite_updates, create_train_state, make_optimizer,
+                             make_train_step, merge_model)
+
+__all__ = ["chrpo_config", "prompt_order", "reward_inputs", "make_rl_loss", "rl", "STAGES",
+           "main"]
+
+log = logging.getLogger(__name__)
+
+
+def chrpo_config(block: ml_collections.ConfigDict) -> chrpo.ChrpoConfig:
+    """The ChrpoConfig of ``rl.objective`` (flat fields of chrpo.ChrpoConfig)."""
+    return chrpo.ChrpoConfig().replace(**block.objective.to_dict())
+
+
+def prompt_order(n: int, step: int, per_step: int, *, seed: int) -> np.ndarray:
+    """Question indices of RL step ``step``: epoch e is permutation(seed, e) of range(n)."""
+    if n < per_step:
+        raise ValueError(f"rl.prompts_per_step={per_step} exceeds the {n} RL questions")
+    per_epoch = n // per_step
+    epoch, within = divmod(step, per_epoch)
+    order = np.random.default_rng([int(seed), 7, int(epoch)]).permutation(n)
+    return order[within * per_step:(within + 1) * per_step]
+
+
+def reward_inputs(batch: RolloutGroups, calibration: list[dict]) -> chrpo.RewardInputs:
+    """RewardInputs [N] from the verdicts and each row's calibration (``calibration[g]``)."""
+    rows = [calibration[g] for g in batch.group_ids]
+    think = np.array([j.think_length for j in batch.judged], np.float32)
+    ref = np.array([r["ref_len"] or 0 for r in rows], np.float32)
+    target = np.array([(r["target"] or 0) / 100 for r in rows], np.float32)
+    return chrpo.RewardInputs(
+        valid=jnp.asarray([j.valid for j in batch.judged]),
+        correct=jnp.asarray([j.correct for j in batch.judged]),
+        level=jnp.asarray([(j.level or 0) / 100 for j in batch.judged], jnp.float32),
+        ratio=chrpo.realized_ratio(jnp.asarray(think), jnp.asarray(ref)),
+        target=jnp.asarray(target),
+        has_target=jnp.asarray([r["target"] is not None for r in rows]))
+
+
+def make_rl_loss(config: chrpo.ChrpoConfig):
+    """``loss_fn(model, batch, rng)`` for make_train_step: chrpo.policy_loss on one mini-batch."""
+    loss_kwargs = dataclasses.asdict(config.loss)
+
+    def loss_fn(model, batch, rng):
+        del rng
+        logp = completion_logprobs(model, batch["prompt_ids"], batch["prompt_mask"],
+                                   batch["completion_ids"], batch["completion_mask"])
+        out = chrpo.policy_loss(logp, batch["old_logp"], batch["advantages"],
+                                batch["completion_mask"], ref_logp=batch["ref_logp"],
+                                **loss_kwargs)
+        return out.loss_sum, out.denominator, out.metrics
+
+    return loss_fn
+
+
+def _step_metrics(batch: RolloutGroups, inputs: chrpo.RewardInputs, adv_metrics: dict,
+                  updates: list[dict]) -> dict:
+    policy = batch.local_ids == 0
+    judged = [j for j, p in zip(batch.judged, policy) if p]
+    ratio = np.asarray(inputs.ratio)[policy & np.asarray(inputs.has_target)]
+    out = {k: float(v) for k, v in adv_metrics.items()}
+    out["accuracy"] = float(np.mean([j.correct for j in judged]))
+    out["valid"] = float(np.mean([j.valid for j in judged]))
+    out["ratio_policy"] = float(ratio.mean()) if ratio.size else float("nan")
+    out["think_tokens"] = float(np.mean([j.think_length for j in judged]))
+    for level in (*LEVELS, None):
+        out[f"control/{level or 'none'}"] = float(np.mean([j.level == level for j in judged]))
+    for key in ("kl", "approx_kl", "clip_high_fraction", "clip_low_fraction", "loss",
+                "grad_norm", "skipped"):
+        values = [float(u[key]) for u in updates if key in u]
+        if values:
+            out[f"update/{key}"] = float(np.mean(values))
+    return out
+
+
+def _init_state(config, model, optimizer):
+    extra = {"lagrange": chrpo.init_lagrange(), "rl_step": jnp.zeros((), jnp.int32),
+             "position": jnp.zeros((), jnp.int32),
+             "rollout_key": jax.random.key(config.seed + 1)}
+    graphdef, state = create_train_state(model, optimizer, rng=config.seed, extra=extra)
+    return graphdef, jax.tree.map(lambda x: x.copy(), state)  # distinct buffers for donation
+
+
+def _advantages(batch: RolloutGroups, inputs: chrpo.RewardInputs, *, num_local: int,
+                multiplier, objective: chrpo.ChrpoConfig):
+    """chrpo.compute_advantages over the prompt groups and their level subgroups."""
+    groups = jnp.asarray(batch.group_ids)
+    num_groups = int(batch.group_ids.max()) + 1
+    return chrpo.compute_advantages(
+        inputs, groups, num_groups=num_groups,
+        subgroup_ids=chrpo.nested_ids(groups, jnp.asarray(batch.local_ids), num_local=num_local),
+        num_subgroups=num_groups * num_local, lagrange_multiplier=multiplier, config=objective)
+
+
+def _optimise(state, train_step, arrays: dict, *, passes: int, minibatches: int,
+              rng: np.random.Generator, max_skips: int):
+    """``passes`` shuffled passes of ``minibatches`` updates; returns (state, metrics list).
+
+    Stops with NonFiniteError after ``max_skips`` non-finite updates in a row."""
+    rows, updates = len(arrays["advantages"]), []
+    for _ in range(passes):
+        for chunk in np.split(rng.permutation(rows), minibatches):
+            state, metrics = train_step(state, {k: v[chunk] for k, v in arrays.items()})
+            check_finite_updates(metrics, step=int(state.step), name="rl",
+                                 max_consecutive=max_skips)
+            updates.append(metrics)
+    return state, jax.device_get(updates)
+
+
+def _dual_step(extra: dict, inputs: chrpo.RewardInputs, policy_rows: np.ndarray, block) -> dict:
+    """Projected dual ascent on the policy rollouts' mean realized ratio (when rl.budget)."""
+    if block.budget is None:
+        return extra
+    mask = chrpo.budget_mask(inputs.valid, inputs.has_target, jnp.asarray(policy_rows))
+    lagrange = chrpo.update_lagrange(extra["lagrange"], inputs.ratio, mask, budget=block.budget,
+                                     step_size=block.lagrange_step_size)
+    return {**extra, "lagrange": lagrange}
+
+
+def rl(config, run: rundir.Run) -> dict:
+    """The CHRPO stage: train the policy-mode model, export it to ``rl/model``."""
+    block, tok = config.rl, run.tokenizer()
+    stage_dir = run.stage_dir("rl")
+    objective = chrpo_config(block)
+    questions = read_questions(run.path("data", "rl.jsonl"))
+    by_uid = {r["uid"]: r for r in rundir.read_jsonl(run.path("calibrate", "calibration.jsonl"))}
+    calibration = [by_uid[q.uid] for q in questions]
+    policy = rundir.load_model(run.path(block.init))
+    reference = nnx.split(rundir.load_model(run.path(block.init)))   # frozen
+    optim = ml_collections.ConfigDict(block.optim.to_dict())
+    optim.total_steps = block.steps * block.passes * block.minibatches
+    optimizer, schedule = make_optimizer(optim, name="rl.optim")
+    graphdef, state = _init_state(config, policy, optimizer)
+    train_step = jax.jit(make_train_step(graphdef, make_rl_loss(objective), optimizer,
+                                         schedule=schedule), donate_argnums=0)
+    manager = CheckpointManager(os.path.join(stage_dir, "checkpoints"), max_to_keep=2,
+                                save_interval_steps=block.checkpoint_every)
+    if manager.latest_step() is not None:
+        _, state, _ = manager.restore(target=abstract_tree(state))
+    start = int(state.extra["rl_step"])
+    prompt_width = bucket_width(max(len(build_prompt(tok, q.question, control="policy"))
+                                    for q in questions) + 1, 32)
+    timer, last = Timer(), {}
+    with MetricWriter(stage_dir, resume_step=start) as writer, \
+            Progress(block.steps, initial=start, desc="rl") as bar:
+        for step in range(start, block.steps):
+            picked = prompt_order(len(questions), step, block.prompts_per_step, seed=config.seed)
+            model = merge_model(graphdef, state)
+            with timer.phase("rollout"):
+                batch = rollout_groups(
+                    model, tok, [questions[i] for i in picked],
+                    policy_samples=block.policy_samples, forced_levels=block.forced_levels,
+                    forced_samples=block.forced_samples, max_new_tokens=block.max_new_tokens,
+                    temperature=block.temperature, prompt_width=prompt_width,
+                    key=jax.random.fold_in(state.extra["rollout_key"], step),
+                    completion_bucket=block.completion_bucket)
+            inputs = reward_inputs(batch, [calibration[i] for i in picked])
+            advantages, adv_metrics = _advantages(
+                batch, inputs, num_local=1 + len(block.forced_levels), objective=objective,
+                multiplier=state.extra["lagrange"].multiplier)
+            tensors = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                       batch.completion_mask)
+            with timer.phase("score") as t:
+                old_logp = t.block(score(*nnx.split(model), *tensors))
+                ref_logp = t.block(score(*reference, *tensors))
+            arrays = dict(zip(("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"),
+                              tensors), old_logp=np.asarray(old_logp),
+                          ref_logp=np.asarray(ref_logp), advantages=np.asarray(advantages))
+            with timer.phase("update"):
+                state, updates = _optimise(state, train_step, arrays, passes=block.passes,
+                                           minibatches=block.minibatches,
+                                           max_skips=block.max_consecutive_skips,
+                                           rng=np.random.default_rng([config.seed, 11, step]))
+            extra = _dual_step(dict(state.extra), inputs, batch.local_ids == 0, block)
+            extra["rl_step"] = jnp.asarray(step + 1, jnp.int32)
+            extra["position"] = jnp.asarray((step + 1) * block.prompts_per_step, jnp.int32)
+            state = state.replace(extra=extra)
+            last = {**_step_metrics(batch, inputs, adv_metrics, updates), **timer.pop(),
+                    "lambda": float(extra["lagrange"].multiplier)}
+            writer.write(step + 1, last)
+            bar.update(metrics={"acc": last["accuracy"], "ratio": last["ratio_policy"],
+                                "reward": last["reward_mean"]})
+            manager.save(step + 1, state, {"position": int(extra["position"])})
+        manager.save(block.steps, state, {"position": int(state.extra["position"])}, force=True)
+    manager.close()
+    rundir.export_model(merge_model(graphdef, state), stage_dir)
+    return {"steps": block.steps, **{f"last/{k}": v for k, v in last.items()}}
+
+
+STAGES = {"rl": rl}
+
+
+def main(config: ml_collections.ConfigDict) -> dict:
+    from experiments.pipeline import run_stages  # noqa: PLC0415
+
+    return run_stages(config, only=STAGES)
+
+
+if __name__ == "__main__":
+    cli.run(main, default="experiments/configs/default.py")

@@ -1,0 +1,159 @@
+"""Sampling responses, parsing and judging them: shared by self-CoT, calibration, RL, evaluation.
+
+``generate_responses`` runs ``models.sampling.generate`` over many prompts in
+fixed-size batches with one prompt width (the longest prompt rounded up to a
+multiple of ``prompt_bucket``), so a stage compiles the sampler once; a short
+last batch is filled with copies of its first prompt, whose outputs are dropped.
+
+``judge`` parses each response with ``data.formats.parse_response`` and checks
+the answer with ``data.answers.is_equivalent`` (never ``eval``)::
+
+    valid    control token first (when expected), a closed think span, a \\boxed answer
+    correct  valid and the answer equals the gold answer
+    level    the emitted <COMP_xx> level (None if absent)
+    think    think length in tokens (strictly between <think> and </think>)
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from data.answers import is_equivalent
+from data.formats import Control, build_prompt, parse_response
+from data.tokenizers import Tokenizer
+from experiments.datasets import Question, bucket_width, pad_left
+from models.qwen3 import Qwen3
+from models.sampling import generate
+
+__all__ = ["Judged", "generate_responses", "judge", "answer_questions", "RolloutGroups",
+           "rollout_groups"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Judged:
+    """The verdict on one response."""
+
+    valid: bool
+    correct: bool
+    level: int | None
+    think_length: int
+    cot_ids: tuple[int, ...]
+
+    def row(self) -> dict:
+        return {"valid": self.valid, "correct": self.correct, "level": self.level,
+                "think_length": self.think_length}
+
+
+def generate_responses(model: Qwen3, prompts: Sequence[Sequence[int]], *, tokenizer: Tokenizer,
+                       batch_size: int, max_new_tokens: int, temperature: float = 0.0,
+                       key: jax.Array | None = None, prompt_bucket: int = 32,
+                       prompt_width: int | None = None) -> list[np.ndarray]:
+    """Response ids of every prompt (through the stop token ``<|im_end|>`` when emitted).
+
+    ``key`` is needed when ``temperature > 0``; batch b draws with ``fold_in(key, b)``.
+    ``prompt_width`` fixes the padded prompt width (default: the longest prompt
+    rounded up to a multiple of ``prompt_bucket``).
+    """
+    if not prompts:
+        return []
+    graphdef, state = nnx.split(model)
+    width = prompt_width or bucket_width(max(len(p) for p in prompts), prompt_bucket)
+    out: list[np.ndarray] = []
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = [list(p) for p in prompts[start:start + batch_size]]
+        real = len(chunk)
+        chunk += [chunk[0]] * (batch_size - real)
+        ids, mask = pad_left(chunk, width=width, pad_id=tokenizer.pad_id)
+        result = generate(graphdef, state, ids, mask, max_new_tokens=max_new_tokens,
+                          temperature=temperature, stop_ids=(tokenizer.eos_id,),
+                          pad_id=tokenizer.pad_id,
+                          key=None if key is None else jax.random.fold_in(key, b))
+        tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+        out.extend(tokens[r, :lengths[r]].copy() for r in range(real))
+    return out
+
+
+def judge(tokenizer: Tokenizer, response: Sequence[int], gold: str, *,
+          expect_control: bool) -> Judged:
+    """Parse one response and check its answer against ``gold``."""
+    parsed = parse_response(tokenizer, response, expect_control=expect_control)
+    correct = bool(parsed.valid and is_equivalent(parsed.answer, gold))
+    return Judged(valid=bool(parsed.valid), correct=correct, level=parsed.level,
+                  think_length=int(parsed.think_length), cot_ids=tuple(parsed.cot_ids))
+
+
+def answer_questions(model: Qwen3, tokenizer: Tokenizer, questions: Sequence[Question], *,
+                     control: Control, batch_size: int, max_new_tokens: int,
+                     temperature: float = 0.0, key: jax.Array | None = None
+                     ) -> list[Judged]:
+    """Greedy (or sampled) answers to ``questions`` in one mode, judged.
+
+    ``control``: None (base mode), a level (``<COMP_xx>`` prompts, the response
+    must start with a control token) or ``'policy'``.
+    """
+    prompts = [build_prompt(tokenizer, q.question, control=control) for q in questions]
+    responses = generate_responses(model, prompts, tokenizer=tokenizer, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, temperature=temperature,
+                                   key=key)
+    return [judge(tokenizer, r, q.answer, expect_control=control is not None)
+            for r, q in zip(responses, questions)]
+
+
+# ----------------------------------------------------------------------------- RL rollout groups
+
+@dataclasses.dataclass
+class RolloutGroups:
+    """One RL rollout batch: ``len(questions) * group_size`` rows, prompt-major.
+
+    Row layout per prompt: ``policy_samples`` policy-mode rollouts (subgroup 0),
+    then ``forced_samples`` rollouts for each forced level j (subgroup 1 + j),
+    whose response is forced to open with ``<COMP_level>`` and continues from
+    the policy. Every row is scored under the <COMP_POLICY> prompt, the control
+    token being the completion's first token.
+    """
+
+    prompt_ids: np.ndarray        # int32 [N, P], left-padded policy prompts
+    prompt_mask: np.ndarray       # bool [N, P]
+    completion_ids: np.ndarray    # int32 [N, C], right-padded (control token first)
+    completion_mask: np.ndarray   # bool [N, C]
+    group_ids: np.ndarray         # int32 [N], the prompt of each row
+    local_ids: np.ndarray         # int32 [N], 0 = policy, 1 + j = forced level j
+    judged: list[Judged]
+
+
+def rollout_groups(model: Qwen3, tokenizer: Tokenizer, questions: Sequence[Question], *,
+                   policy_samples: int, forced_levels: Sequence[int], forced_samples: int,
+                   max_new_tokens: int, temperature: float, key: jax.Array,
+                   prompt_width: int, completion_bucket: int) -> RolloutGroups:
+    """Sample every rollout of one RL step and judge it (see :class:`RolloutGroups`)."""
+    control = tokenizer.control_ids
+    prompts, forced, groups, local = [], [], [], []
+    for g, q in enumerate(questions):
+        base = build_prompt(tokenizer, q.question, control="policy")
+        plan = [(None, 0)] * policy_samples + [
+            (level, 1 + j) for j, level in enumerate(forced_levels) for _ in range(forced_samples)]
+        for level, sub in plan:
+            prompts.append(base)
+            forced.append([] if level is None else [control[level]])
+            groups.append(g)
+            local.append(sub)
+    responses = generate_responses(
+        model, [p + f for p, f in zip(prompts, forced)], tokenizer=tokenizer,
+        batch_size=len(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
+        key=key, prompt_width=prompt_width)
+    completions = [np.concatenate([np.asarray(f, np.int32), r]).astype(np.int32)
+                   for f, r in zip(forced, responses)]
+    width = bucket_width(max(len(c) for c in completions), completion_bucket)
+    completion_ids = np.full((len(prompts), width), tokenizer.pad_id, np.int32)
+    completion_mask = np.zeros((len(prompts), width), bool)
+    for r, c in enumerate(completions):
+        completion_ids[r, :len(c)], completion_mask[r, :len(c)] = c, True
+    prompt_ids, prompt_mask = pad_left(prompts, width=prompt_width, pad_id=tokenizer.pad_id)
+    judged = [judge(tokenizer, c, questions[g].answer, expect_control=True)
+              for c, g in zip(completions, groups)]
+    return RolloutGroups(prompt_ids, prompt_mask, completion_ids, completion_mask,
+                         np.asarray(groups, np.int32), np.asarray(local, np.int32), judged)

@@ -1,0 +1,195 @@
+"""One run directory for the whole main job: stage folders, done markers, models and data.
+
+Layout (``Run(run_dir)``)::
+
+    run_dir/config.json                 the resolved pipeline config (cli.write_run_config)
+    run_dir/data/                       tokenizer + problem splits (sft, rl, val, test) as JSONL
+    run_dir/<stage>/                    one folder per stage: checkpoints/, metrics.jsonl,
+                                        tensorboard/, model/ (exported params), outputs
+    run_dir/<stage>/done.json           written last: the stage's summary and wall time
+
+A stage counts as done when its ``done.json`` exists, so the pipeline skips it on
+a re-run and a crashed stage resumes from its own checkpoints.
+
+Models: a decoder is built from the ``model`` block (``source='config'``: a fresh
+tiny Qwen3; ``source='hf'``: a local Hugging Face safetensors directory) and
+exported after each training stage as Orbax params under ``<stage>/model``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+from flax import nnx
+
+from data.tokenizers import Tokenizer, load_tokenizer
+from models.checkpoint import CheckpointManager, abstract_tree
+from models.qwen3 import Qwen3, Qwen3Config
+
+__all__ = ["DONE_FILE", "Run", "model_config", "build_model", "export_model", "load_model",
+           "read_jsonl", "write_jsonl", "run_stage"]
+
+DONE_FILE = "done.json"
+MODEL_DIR = "model"
+
+
+class Run:
+    """Paths of one pipeline run."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.root = os.fspath(run_dir)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    def stage_dir(self, stage: str) -> str:
+        path = self.path(stage)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def done(self, stage: str) -> bool:
+        return os.path.exists(self.path(stage, DONE_FILE))
+
+    def summary(self, stage: str) -> dict:
+        with open(self.path(stage, DONE_FILE)) as f:
+            return json.load(f)
+
+    def mark_done(self, stage: str, summary: dict) -> None:
+        """Write the summary (non-finite floats as null: strict JSON)."""
+        path = self.path(stage, DONE_FILE)
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in summary.items()}
+        with open(path + ".tmp", "w") as f:
+            json.dump(clean, f, indent=2, sort_keys=True, allow_nan=False)
+        os.replace(path + ".tmp", path)
+
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.tokenizer_path())
+
+    def tokenizer_path(self) -> str:
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if os.path.exists(self.path("data", name)):
+                return self.path("data", name)
+        raise FileNotFoundError(f"no tokenizer in {self.path('data')}; run the data stage first")
+
+
+def run_stage(run: Run, name: str, fn: Callable[[], dict], *, force: bool = False) -> dict:
+    """Run ``fn`` unless the stage is done; record its summary with ``seconds`` (wall)
+    and ``cpu_seconds`` (this process, all threads: a load-independent cost)."""
+    if run.done(name) and not force:
+        return {**run.summary(name), "skipped": True}
+    start, cpu = time.perf_counter(), time.process_time()
+    summary = dict(fn() or {})
+    summary["seconds"] = time.perf_counter() - start
+    summary["cpu_seconds"] = time.process_time() - cpu
+    run.mark_done(name, summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- models
+
+def model_config(block: ml_collections.ConfigDict, vocab_size: int) -> Qwen3Config:
+    """Architecture of a ``source='config'`` model block (vocab from the tokenizer)."""
+    return Qwen3Config(vocab_size=int(vocab_size), hidden_size=block.hidden_size,
+                       intermediate_size=block.intermediate_size, num_layers=block.num_layers,
+                       num_heads=block.num_heads, num_kv_heads=block.num_kv_heads,
+                       head_dim=block.head_dim, rope_theta=float(block.rope_theta),
+                       max_position_embeddings=block.max_position_embeddings,
+                       dtype=block.dtype, param_dtype=block.param_dtype)
+
+
+def build_model(block: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed: int) -> Qwen3:
+    """The starting decoder: a fresh one, or a local Hugging Face checkpoint.
+
+    An HF model whose vocabulary is smaller than the tokenizer's (the control
+    tokens were added) gets its embedding rows extended with small random rows.
+    """
+    if block.source == "config":
+        return Qwen3(model_config(block, tokenizer.vocab_size), rngs=nnx.Rngs(seed))
+    from models.hf import load_hf  # noqa: PLC0415 (only the real-scale configs need it)
+
+    model = load_hf(block.hf_path, dtype=block.dtype, param_dtype=block.param_dtype)
+    return grow_vocab(model, tokenizer.vocab_size, seed=seed)
+
+
+def grow_vocab(model: Qwen3, vocab_size: int, *, seed: int) -> Qwen3:
+    """``model`` with at least ``vocab_size`` embedding rows (new rows ~ N(0, init std))."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    config = model.config
+    if vocab_size <= config.vocab_size:
+        return model
+    if not config.tie_word_embeddings:
+        raise ValueError(f"model.hf_path: the tokenizer has {vocab_size} ids, the untied "
+                         f"checkpoint {config.vocab_size}; grow only tied embeddings")
+    extra = vocab_size - config.vocab_size
+    grown = Qwen3(dataclasses.replace(config, vocab_size=vocab_size), rngs=nnx.Rngs(seed))
+    _, state = nnx.split(model)
+    old = state["embed"][...]
+    rows = config.initializer_range * jax.random.normal(jax.random.key(seed), (extra, old.shape[1]))
+    state["embed"].set_value(jnp.concatenate([old, rows.astype(old.dtype)], axis=0))
+    nnx.update(grown, state)
+    return grown
+
+
+def export_model(model: Qwen3, stage_dir: str) -> None:
+    """Write the parameters (Orbax) and the architecture to ``<stage_dir>/model``."""
+    params = nnx.split(model, nnx.Param, ...)[1]
+    with CheckpointManager(os.path.join(stage_dir, MODEL_DIR), max_to_keep=1) as manager:
+        manager.save(0, params, force=True)
+    with open(os.path.join(stage_dir, MODEL_DIR + ".json"), "w") as f:
+        json.dump(dataclasses.asdict(model.config), f, indent=2, sort_keys=True)
+
+
+def load_model(stage_dir: str) -> Qwen3:
+    """The decoder exported by :func:`export_model`."""
+    path = os.path.join(stage_dir, MODEL_DIR)
+    if not os.path.exists(path + ".json"):
+        raise FileNotFoundError(f"no exported model in {stage_dir}")
+    with open(path + ".json") as f:
+        config = Qwen3Config(**json.load(f))
+    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0))),
+                                       nnx.Param, ...)
+    with CheckpointManager(path, max_to_keep=1) as manager:
+        _, params, _ = manager.restore(target=abstract_tree(params))
+    return nnx.merge(graphdef, params, rest)
+
+
+# ----------------------------------------------------------------------------- JSONL
+
+def write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True, separators=(",", ":")) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def read_jsonl(path: str, *, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The JSON object of each non-blank line; a bad line, or one that lacks a
+    field named in ``required``, raises ValueError naming file:line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: malformed JSON ({err.msg} at column "
+                                 f"{err.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got "
+                                 f"{type(row).__name__}")
+            missing = [key for key in required if key not in row]
+            if missing:
+                raise ValueError(f"{path}:{number}: missing field(s) {missing}; a row needs "
+                                 f"{list(required)}")
+            rows.append(row)
+    return rows

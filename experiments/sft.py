@@ -1,0 +1,199 @@
+"""Supervised fine-tuning stages of the main job (loss on response tokens only).
+
+    python -m experiments.sft --config=experiments/configs/default.py --config.stage=sft_base
+
+Stages (each a recipe over ``train_sft``; the block of the same name configures it):
+
+- ``sft_base``: the base reasoning model on the reference full chains of thought
+  (base mode, no control token).
+- ``sft_mixed``: Extra-CoT mixed-ratio SFT on the formula-aware compressor's
+  data (``compress`` stage): every question at every level <COMP_20> ... <COMP_100>;
+  warm-starts from the base model when ``sft_mixed.init='sft_base'``.
+- ``sft_policy``: policy-mode warm start from the mixed model: each calibrated
+  question with a target gets a <COMP_POLICY> example whose response opens with
+  <COMP_target> and carries the mixed model's own correct CoT at that level,
+  plus level-mode examples of the same CoTs (so level following is kept).
+- ``sft_tokenskip``: the TokenSkip-style baseline: the same mixed-ratio recipe
+  on the generic (surprisal) compressor's data.
+
+Optimiser: ``models.training.make_optimizer`` (AdamW, warmup + cosine, weight
+decay, global-norm clipping); Orbax checkpoints every ``checkpoint_every``
+steps; a re-run resumes from the latest one (batches are a pure function of
+(seed, step), so the resumed run is the same run).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+
+from data.formats import LEVELS, SFTExample, build_policy_example, build_sft_example
+from experiments import cli, rundir
+from experiments.datasets import read_questions, sft_batch
+from experiments.metrics import MetricWriter, Progress
+from models.checkpoint import CheckpointManager, abstract_tree
+from models.qwen3 import Qwen3
+from models.training import (check_finite_updates, create_train_state, make_optimizer,
+                             make_train_step, masked_lm_loss, merge_model)
+
+__all__ = ["lm_loss", "train_sft", "sft_base", "sft_mixed", "sft_policy", "sft_tokenskip",
+           "STAGES", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def lm_loss(model: Qwen3, batch: dict, rng: jax.Array):
+    """Next-token cross-entropy on ``loss_mask`` tokens as (sum, denominator, {})."""
+    del rng
+    logits = model(batch["tokens"], attention_mask=batch["mask"])
+    total, denom = masked_lm_loss(logits, batch["tokens"], batch["loss_mask"])
+    return total, denom, {}
+
+
+def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collections.ConfigDict, *,
+              stage_dir: str, seed: int, name: str) -> tuple[Qwen3, dict]:
+    """``block.steps`` AdamW steps on ``examples``; resumes from ``stage_dir/checkpoints``.
+
+    Returns (trained model, {'train_seconds', 'tokens_per_second', 'final_loss', 'examples'}).
+    ``block.steps == 0`` returns ``model`` unchanged (e.g. a pretrained Qwen3 as the base).
+    """
+    if block.steps == 0:
+        return model, {"train_seconds": 0.0, "tokens_per_second": 0.0,
+                       "final_loss": float("nan"), "examples": len(examples)}
+    optimizer, schedule = make_optimizer(block.optim, name=f"{name}.optim")
+    graphdef, state = create_train_state(model, optimizer, rng=seed)
+    state = jax.tree.map(lambda x: x.copy(), state)  # distinct buffers for donation
+    step_fn = jax.jit(make_train_step(graphdef, lm_loss, optimizer, schedule=schedule),
+                      donate_argnums=0)
+    manager = CheckpointManager(os.path.join(stage_dir, "checkpoints"), max_to_keep=1,
+                                save_interval_steps=block.checkpoint_every)
+    start = 0
+    if manager.latest_step() is not None:
+        start, state, _ = manager.restore(target=abstract_tree(state))
+        log.info("%s: resuming at step %d", name, start)
+    batch_args = dict(seed=seed, batch_tokens=block.batch_tokens, bucket=block.bucket,
+                      max_length=block.max_length)
+    t0, tokens, loss = time.perf_counter(), 0, float("nan")
+    try:
+        with MetricWriter(stage_dir, resume_step=start) as writer, \
+                Progress(block.steps, initial=start, desc=name) as bar:
+            for step in range(start, block.steps):
+                batch = sft_batch(examples, step=step, **batch_args)
+                state, metrics = step_fn(state, batch)
+                tokens += int(batch["mask"].sum())
+                done = step + 1
+                if done % block.log_every == 0 or done == block.steps:
+                    loss = float(metrics["loss"])
+                    writer.write(done, {f"train/{k}": v for k, v in metrics.items()})
+                    bar.set_metrics({"loss": loss})
+                bar.update()
+                check_finite_updates(metrics, step=done, name=name,
+                                     max_consecutive=block.max_consecutive_skips)
+                manager.save(done, state)
+            manager.save(block.steps, state, force=True)
+    finally:
+        manager.close()  # commits the last started save, also when a step failed
+    seconds = time.perf_counter() - t0
+    return merge_model(graphdef, state), {
+        "train_seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9),
+        "final_loss": loss, "examples": len(examples)}
+
+
+def _finish(run: rundir.Run, stage: str, model: Qwen3, examples, config, block) -> dict:
+    stage_dir = run.stage_dir(stage)
+    model, stats = train_sft(model, examples, block, stage_dir=stage_dir, seed=config.seed,
+                             name=stage)
+    rundir.export_model(model, stage_dir)
+    return stats
+
+
+def _init(run: rundir.Run, config, block, tokenizer) -> Qwen3:
+    if block.init == "scratch":
+        return rundir.build_model(config.model, tokenizer, seed=config.seed)
+    if not run.done(block.init):
+        raise FileNotFoundError(f"stage {block.init!r} (the init of this stage) is not done "
+                                f"in {run.root}")
+    return rundir.load_model(run.path(block.init))
+
+
+# ----------------------------------------------------------------------------- stages
+
+def sft_base(config, run: rundir.Run) -> dict:
+    """Base reasoning model: full reference CoTs, base mode."""
+    tok = run.tokenizer()
+    questions = read_questions(run.path("data", "sft.jsonl"))
+    examples = [build_sft_example(tok, q.question, tok.encode(q.cot), q.answer_text)
+                for q in questions]
+    model = _init(run, config, config.sft_base, tok)
+    return _finish(run, "sft_base", model, examples, config, config.sft_base)
+
+
+def _level_examples(run: rundir.Run, tok, data_file: str) -> list[SFTExample]:
+    questions = {q.uid: q for q in read_questions(run.path("data", "sft.jsonl"))}
+    rows = rundir.read_jsonl(run.path("compress", data_file))
+    if not rows:
+        raise ValueError(f"{run.path('compress', data_file)} holds no compressed CoT")
+    return [build_sft_example(tok, questions[r["uid"]].question, r["cot_ids"],
+                              questions[r["uid"]].answer_text, control=r["level"]) for r in rows]
+
+
+def sft_mixed(config, run: rundir.Run) -> dict:
+    """Mixed-ratio SFT on the formula-aware compressor's re-bucketed data."""
+    tok = run.tokenizer()
+    examples = _level_examples(run, tok, "formula.jsonl")
+    model = _init(run, config, config.sft_mixed, tok)
+    return _finish(run, "sft_mixed", model, examples, config, config.sft_mixed)
+
+
+def sft_tokenskip(config, run: rundir.Run) -> dict:
+    """The TokenSkip-style baseline: mixed-ratio SFT on the generic compressor's data."""
+    tok = run.tokenizer()
+    examples = _level_examples(run, tok, "baseline.jsonl")
+    model = _init(run, config, config.sft_tokenskip, tok)
+    return _finish(run, "sft_tokenskip", model, examples, config, config.sft_tokenskip)
+
+
+def sft_policy(config, run: rundir.Run) -> dict:
+    """Policy-mode warm start on each calibrated question's target level."""
+    tok = run.tokenizer()
+    questions = {q.uid: q for q in read_questions(run.path("data", "rl.jsonl"))}
+    examples: list[SFTExample] = []
+    targets = 0
+    for row in rundir.read_jsonl(run.path("calibrate", "calibration.jsonl")):
+        q = questions[row["uid"]]
+        if row["target"] is not None:
+            targets += 1
+            cot = row["levels"][str(row["target"])]["cot_ids"]
+            examples.append(build_policy_example(tok, q.question, cot, q.answer_text,
+                                                 target_level=row["target"]))
+        if config.sft_policy.level_examples:
+            for level in LEVELS:
+                got = row["levels"][str(level)]
+                if got["correct"]:
+                    examples.append(build_sft_example(tok, q.question, got["cot_ids"],
+                                                      q.answer_text, control=level))
+    model = _init(run, config, config.sft_policy, tok)
+    if not examples:  # the mixed model solved no RL question at any level (tiny configs)
+        log.warning("sft_policy: calibration gave no correct answer; keeping the init model")
+        rundir.export_model(model, run.stage_dir("sft_policy"))
+        return {"examples": 0, "policy_examples": 0}
+    stats = _finish(run, "sft_policy", model, examples, config, config.sft_policy)
+    return {**stats, "policy_examples": targets}
+
+
+STAGES = {"sft_base": sft_base, "sft_mixed": sft_mixed, "sft_policy": sft_policy,
+          "sft_tokenskip": sft_tokenskip}
+
+
+def main(config: ml_collections.ConfigDict) -> dict:
+    from experiments.pipeline import run_stages  # noqa: PLC0415 (pipeline imports this module)
+
+    return run_stages(config, only=STAGES)
+
+
+if __name__ == "__main__":
+    cli.run(main, default="experiments/configs/default.py")

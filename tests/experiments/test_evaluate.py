@@ -1,0 +1,69 @@
+"""Evaluation tables: accuracy, think tokens, ActRatio against the base model; plots."""
+import ml_collections
+import pytest
+
+from data.formats import LEVELS, POLICY
+from experiments.evaluate import (_plots, difficulty_profile, markdown_table, method_plan,
+                                  results_table)
+
+
+def row(method, control, correct, think, level=None, steps=2, valid=True):
+    return {"uid": f"q{think}", "method": method, "control": control, "correct": correct,
+            "valid": valid, "think_length": think, "level": level,
+            "difficulty": {"n_steps": steps}}
+
+
+ROWS = [row("base", "-", True, 200, steps=2), row("base", "-", False, 100, steps=3),
+        row("extra-cot", "<COMP_20>", True, 40, 20, steps=2),
+        row("extra-cot", "<COMP_20>", True, 20, 20, steps=3),
+        row("chrpo", "<COMP_POLICY>", True, 30, 20, steps=2),
+        row("chrpo", "<COMP_POLICY>", False, 60, 60, steps=3, valid=False)]
+
+
+def test_results_table_hand_computed():
+    table = {(t["method"], t["control"]): t for t in results_table(ROWS)}
+    base = table[("base", "-")]
+    assert base["accuracy"] == 0.5 and base["think_tokens"] == 150.0 and base["act_ratio"] == 1.0
+    ext = table[("extra-cot", "<COMP_20>")]
+    assert ext["accuracy"] == 1.0 and ext["think_tokens"] == 30.0
+    assert ext["act_ratio"] == pytest.approx(30 / 150)
+    pol = table[("chrpo", "<COMP_POLICY>")]
+    assert pol["valid"] == 0.5 and pol["mean_level"] == 40.0
+    assert pol["act_ratio"] == pytest.approx(45 / 150)
+
+
+def test_results_table_needs_base():
+    with pytest.raises(ValueError, match="base"):
+        results_table(ROWS[2:])
+
+
+def test_markdown_has_one_line_per_method_and_level():
+    text = markdown_table(results_table(ROWS))
+    lines = text.splitlines()
+    assert len(lines) == 2 + 3
+    assert "| extra-cot | <COMP_20> | 100.0 | 30.0 | 0.200 | 100.0 | 2 |" in lines
+
+
+def test_difficulty_profile():
+    prof = difficulty_profile(ROWS, method="chrpo", key="n_steps")
+    assert [p["n_steps"] for p in prof] == [2, 3]
+    assert [p["mean_level"] for p in prof] == [20.0, 60.0]
+    assert [p["think_tokens"] for p in prof] == [30.0, 60.0]
+    assert [p["accuracy"] for p in prof] == [1.0, 0.0]
+
+
+def test_method_plan_covers_every_level_and_mode():
+    block = ml_collections.ConfigDict({"levels": LEVELS, "tokenskip_levels": (20,)})
+    plan = method_plan(block)
+    assert plan[0] == ("base", None)
+    assert [c for m, c in plan if m == "extra-cot"] == list(LEVELS)
+    assert [c for m, c in plan if m == "tokenskip"] == [20]
+    assert ("chrpo", POLICY) in plan and ("policy-warm-start", POLICY) in plan
+
+
+def test_plots_are_written(tmp_path):
+    paths = _plots(results_table(ROWS), ROWS, str(tmp_path), "n_steps")
+    for path in paths:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert len(paths) == 2

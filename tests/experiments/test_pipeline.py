@@ -1,0 +1,129 @@
+"""The main job end to end on the test config, and config validation before any work."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from data.formats import LEVELS
+from experiments import cli, pipeline, rundir
+
+TEST_CONFIG = "experiments/configs/test.py"
+
+
+def parse(*overrides, config=TEST_CONFIG):
+    return cli.parse([f"--config={config}", *overrides])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--config.compress.ratios=-0.1,0.5", "compress.ratios"),
+    ("--config.rl.objective.tol=-0.1", "rl.objective.tol"),
+    ("--config.evaluate.levels=20,30", "evaluate.levels"),
+    ("--config.data.sizes.rl=0", "data.sizes.rl"),
+    ("--config.sft_mixed.init=nowhere", "sft_mixed.init"),
+    ("--config.rl.temperature=0", "rl.temperature"),
+    ("--config.compressor.train.steps=0", "compressor.train.steps"),
+    ("--config.stage=sft,rl", "stage"),
+])
+def test_invalid_values_are_rejected_naming_the_key(override, key):
+    with pytest.raises(cli.ConfigError, match=f"'{key}'"):
+        parse(override)
+
+
+def test_group_of_one_with_a_std_normalised_estimator_is_rejected():
+    with pytest.raises(cli.ConfigError, match="'rl.policy_samples'.*at least 2"):
+        parse("--config.rl.policy_samples=1", "--config.rl.forced_samples=0",
+              "--config.rl.objective.estimator=grpo")
+    parse("--config.rl.policy_samples=1", "--config.rl.forced_samples=0",
+          "--config.rl.objective.estimator=drgrpo")  # no std: a group of one is allowed
+
+
+def test_default_config_is_valid_and_runs_every_stage():
+    config = parse(config="experiments/configs/default.py")
+    assert pipeline.selected_stages(config.stage) == list(pipeline.STAGE_ORDER)
+    assert pipeline.selected_stages("rl, data") == ["data", "rl"]
+    assert "evaluate_val" not in pipeline.selected_stages("all")   # only when named
+    assert pipeline.selected_stages("evaluate_val,evaluate") == ["evaluate", "evaluate_val"]
+    from experiments import sft
+    assert pipeline.selected_stages("all", sft.STAGES) == [
+        "sft_base", "sft_mixed", "sft_policy", "sft_tokenskip"]
+
+
+def test_long_config_keeps_schedules_tied_to_step_counts():
+    config = parse(config="experiments/configs/long.py")
+    default = parse(config="experiments/configs/default.py")
+    for block in ("sft_base", "sft_mixed", "sft_policy", "sft_tokenskip"):
+        assert config[block].optim.total_steps == config[block].steps, block
+        assert config[block].steps > default[block].steps, block
+    assert config.data.arithmetic.max_steps == default.data.arithmetic.max_steps + 1
+
+
+def params(model):
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.split(model, nnx.Param, ...)[1])]
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    config = parse(f"--config.run_dir={run_dir}")
+    pipeline.main(config)
+    out = capsys.readouterr().out
+    run = rundir.Run(run_dir)
+    for stage in pipeline.STAGE_ORDER:
+        summary = run.summary(stage)
+        assert summary["seconds"] > 0, stage
+    for split in ("sft", "rl", "val", "test"):
+        assert len(rundir.read_jsonl(run.path("data", f"{split}.jsonl"))) == \
+            config.data.sizes[split]
+    # compressed data: every kept question at every level, ratio in the level's window
+    rows = rundir.read_jsonl(run.path("compress", "formula.jsonl"))
+    assert rows and {r["level"] for r in rows} == set(LEVELS)
+    per_question = {}
+    for r in rows:
+        per_question.setdefault(r["uid"], set()).add(r["level"])
+        assert r["level"] / 100 - 0.1 <= r["ratio"] <= r["level"] / 100 + 0.1
+    assert all(levels == set(LEVELS) for levels in per_question.values())
+    calib = rundir.read_jsonl(run.path("calibrate", "calibration.jsonl"))
+    assert len(calib) == config.data.sizes.rl
+    assert all(set(c["levels"]) == {str(lv) for lv in LEVELS} for c in calib)
+    # RL metrics: one finite record per step with the issue's fields
+    records = [json.loads(line) for line in open(run.path("rl", "metrics.jsonl"))]
+    assert [r["step"] for r in records] == list(range(1, config.rl.steps + 1))
+    for key in ("tier/invalid", "tier/within_budget", "accuracy", "control/20", "update/kl",
+                "update/clip_high_fraction", "zero_variance_fraction", "time/rollout",
+                "time/update", "lambda"):
+        assert all(r[key] is not None and np.isfinite(r[key]) for r in records), key
+    # evaluation: a row for every method and level, sane numbers, table printed, plots
+    result = json.load(open(run.path("evaluate", "results.json")))
+    table = {(t["method"], t["control"]) for t in result["table"]}
+    want = {("base", "-"), ("policy-warm-start", "<COMP_POLICY>"), ("chrpo", "<COMP_POLICY>")}
+    want |= {(m, f"<COMP_{lv}>") for m in ("extra-cot", "tokenskip") for lv in LEVELS}
+    assert table == want
+    for t in result["table"]:
+        assert 0 <= t["accuracy"] <= 1 and 0 <= t["valid"] <= 1 and t["n"] == 12
+        assert np.isfinite(t["think_tokens"]) and t["think_tokens"] >= 0
+    assert "| chrpo | <COMP_POLICY> |" in out
+    for method, profile in result["difficulty"].items():   # per difficulty, every question once
+        assert sum(p["n"] for p in profile) == 12, method
+    assert result["policy_difficulty"] == result["difficulty"]["chrpo"]
+    for name in ("accuracy_vs_actratio.png", "policy_difficulty.png"):
+        assert os.path.getsize(run.path("evaluate", name)) > 1000
+
+    # a second run skips every stage
+    assert all(s.get("skipped") for k, s in pipeline.run_stages(config).items()
+               if k != "total_seconds")
+
+    # RL resume: drop the last step's checkpoint and outputs, re-run: identical params
+    first = params(rundir.load_model(run.path("rl")))
+    ckpt = run.path("rl", "checkpoints")
+    last = max(int(n) for n in os.listdir(ckpt) if n.isdigit())
+    assert last == config.rl.steps and str(last - 1) in os.listdir(ckpt)
+    shutil.rmtree(os.path.join(ckpt, str(last)))
+    shutil.rmtree(run.path("rl", "model"))
+    os.remove(run.path("rl", "done.json"))
+    pipeline.run_stages(parse(f"--config.run_dir={run_dir}", "--config.stage=rl"))
+    for a, b in zip(first, params(rundir.load_model(run.path("rl")))):
+        np.testing.assert_array_equal(a, b)

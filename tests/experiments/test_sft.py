@@ -1,0 +1,116 @@
+"""SFT batches and the SFT trainer: response-only loss, determinism, resume."""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from data.arithmetic import ArithmeticConfig, generate_problems, tokenizer_corpus
+from data.formats import build_sft_example
+from data.tokenizers import train_sentencepiece
+from experiments import sft
+from experiments.configs.pipeline_blocks import sft_block
+from experiments.datasets import sft_batch
+from models.qwen3 import Qwen3, Qwen3Config
+
+ARITH = ArithmeticConfig(max_steps=2)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_sentencepiece(tokenizer_corpus(generate_problems(0, 120, ARITH)), vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def examples(tok):
+    return [build_sft_example(tok, p.question, tok.encode(p.cot), p.answer_text)
+            for p in generate_problems(5, 24, ARITH)]
+
+
+def tiny_model(tok, seed=0):
+    config = Qwen3Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                         max_position_embeddings=1024)
+    return Qwen3(config, rngs=nnx.Rngs(seed))
+
+
+def test_sft_batch_is_a_pure_function_of_seed_and_step(examples):
+    kw = dict(seed=3, batch_tokens=1024, bucket=128, max_length=512)
+    a, b = sft_batch(examples, step=5, **kw), sft_batch(examples, step=5, **kw)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    c = sft_batch(examples, step=6, **kw)
+    assert any(a[k].shape != c[k].shape or not np.array_equal(a[k], c[k]) for k in a)
+
+
+def test_sft_batch_layout(examples):
+    by_ids = {tuple(e.ids): e for e in examples}
+    for step in range(8):
+        batch = sft_batch(examples, step=step, seed=0, batch_tokens=1024, bucket=128,
+                          max_length=512)
+        rows, width = batch["tokens"].shape
+        assert width % 128 == 0 and rows == max(1, 1024 // width)
+        for r in range(rows):
+            n = int(batch["mask"][r].sum())
+            assert batch["mask"][r, :n].all()               # right padding
+            ex = by_ids[tuple(batch["tokens"][r, :n])]
+            np.testing.assert_array_equal(batch["loss_mask"][r, :n], ex.loss_mask)
+            assert not batch["loss_mask"][r, n:].any()
+
+
+def test_sft_batch_cuts_long_examples(examples):
+    batch = sft_batch(examples, step=0, seed=0, batch_tokens=256, bucket=64, max_length=64)
+    assert batch["tokens"].shape[1] == 64
+
+
+def block(steps, checkpoint_every):
+    b = sft_block(init="scratch", steps=steps, learning_rate=1e-2, batch_tokens=1024,
+                  bucket=256, max_length=256)
+    b.log_every, b.checkpoint_every = 1, checkpoint_every
+    return b
+
+
+def params_of(model):
+    return jax.tree.leaves(nnx.split(model, nnx.Param, ...)[1])
+
+
+@pytest.fixture(scope="module")
+def straight(tok, examples, tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("straight"))
+    model, stats = sft.train_sft(tiny_model(tok), examples, block(6, 3), stage_dir=d, seed=0,
+                                 name="t")
+    return model, stats, d
+
+
+def test_train_sft_lowers_the_loss(straight):
+    from experiments.metrics import read_metrics
+
+    _, stats, run_dir = straight
+    assert stats["examples"] == 24 and stats["tokens_per_second"] > 0
+    losses = [r["train/loss"] for r in read_metrics(run_dir)]
+    assert len(losses) == 6 and np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_resume_gives_the_same_run(tok, examples, straight, tmp_path, monkeypatch):
+    real = sft.sft_batch
+
+    def crash_at_4(ex, *, step, **kw):
+        if step == 4:
+            raise RuntimeError("simulated crash")
+        return real(ex, step=step, **kw)
+
+    monkeypatch.setattr(sft, "sft_batch", crash_at_4)
+    with pytest.raises(RuntimeError, match="simulated"):
+        sft.train_sft(tiny_model(tok), examples, block(6, 3), stage_dir=str(tmp_path), seed=0,
+                      name="t")
+    monkeypatch.setattr(sft, "sft_batch", real)
+    resumed, _ = sft.train_sft(tiny_model(tok, seed=99), examples, block(6, 3),
+                               stage_dir=str(tmp_path), seed=0, name="t")
+    for a, b in zip(params_of(straight[0]), params_of(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_zero_steps_keeps_the_model(tok, examples, tmp_path):
+    model = tiny_model(tok)
+    same, stats = sft.train_sft(model, examples, block(0, 1), stage_dir=str(tmp_path), seed=0,
+                                name="t")
+    assert same is model and stats["train_seconds"] == 0.0
