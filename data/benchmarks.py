@@ -86,11 +86,20 @@ def expected_path(name: str, *, jsonl_path: str | os.PathLike, split: str) -> st
 
 
 def _require_file(name: str, path: str, split: str) -> None:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{name} split {split!r} expects a local JSONL file at {path} "
-            f"(fields: {_SCHEMAS[name]}); no such file. Pass jsonl_path=<that file> or a "
-            f"directory containing {split}.jsonl. Nothing is downloaded.")
+    """FileNotFoundError saying where the file should go (a missing directory included)."""
+    if os.path.isfile(path):
+        return
+    fields = f"(fields: {_SCHEMAS[name]})"
+    if not path:
+        where = f"no jsonl_path was given; put the {split} file {fields} at <dir>/{split}.jsonl"
+    elif not path.endswith((".jsonl", ".json")):
+        where = (f"the directory {path} does not exist; put the file {fields} at "
+                 f"{os.path.join(path, f'{split}.jsonl')}")
+    else:
+        where = f"expects a local JSONL file at {path} {fields}; no such file"
+    raise FileNotFoundError(
+        f"{name} split {split!r}: {where}. Pass jsonl_path=<that file> or a "
+        f"directory containing {split}.jsonl. Nothing is downloaded.")
 
 
 def _rows(path: str) -> Iterator[tuple[str, Any]]:

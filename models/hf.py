@@ -2,7 +2,9 @@
 
 A checkpoint directory holds config.json and either model.safetensors or
 model-0000k-of-0000n.safetensors shards listed by model.safetensors.index.json.
-Pickle-based files (*.bin, *.pt, *.pth, *.ckpt) are refused, never opened.
+Pickle-based files (*.bin, *.pt, *.pth, *.ckpt, *.pkl, *.pickle) are refused, never
+opened; a file that is not valid safetensors (a pickle renamed, a truncated
+export) raises ValueError naming it.
 
 Name and layout map (torch Linear weights are [out, in]; ours are [in, ..., out]):
 
@@ -31,7 +33,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from models.qwen3 import Qwen3, Qwen3Config
@@ -40,7 +42,7 @@ __all__ = ["PICKLE_SUFFIXES", "TensorSpec", "tensor_specs", "to_hf_tensors",
            "assign_hf_tensors", "read_safetensors", "load_hf", "save_hf",
            "parse_size"]
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -146,8 +148,14 @@ def _refuse_pickle(path: str) -> None:
 
 def _read_file(path: str) -> dict[str, np.ndarray]:
     _refuse_pickle(path)
-    with safe_open(path, framework="np") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no safetensors file at {path!r}")
+    try:
+        with safe_open(path, framework="np") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as err:   # the header is parsed, never unpickled
+        raise ValueError(f"{path!r} is not a valid safetensors file ({err}); a renamed "
+                         "pickle or a truncated export?") from None
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:

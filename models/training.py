@@ -13,6 +13,8 @@ Everything here is shared by the SFT, compressor, RL and path-finding scripts:
 - ``make_train_step``: a pure ``step(state, batch) -> (state, metrics)`` with
   gradient accumulation and skipping of non-finite updates; callers wrap it in
   ``jax.jit(..., donate_argnums=0)`` (with shardings where needed).
+- ``check_finite_updates``: the host-side guard after each step: logs a
+  skipped update, raises ``NonFiniteError`` after N skips in a row.
 
 Typical use::
 
@@ -25,6 +27,7 @@ Typical use::
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -41,7 +44,11 @@ __all__ = [
     "OPTIMIZER_DEFAULTS", "default_optimizer_config", "make_schedule", "weight_decay_mask",
     "make_optimizer", "token_logprobs", "next_token_logprobs", "masked_lm_loss",
     "TrainState", "create_train_state", "merge_model", "make_train_step",
+    "NonFiniteError", "check_finite_updates", "DEFAULT_MAX_CONSECUTIVE_SKIPS",
 ]
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 10
 
 Schedule = Callable[[jax.Array], jax.Array]
 LossFn = Callable[[nnx.Module, Any, jax.Array],
@@ -425,3 +432,42 @@ def make_train_step(graphdef: Any, loss_fn: LossFn, optimizer: optax.GradientTra
         return new_state, metrics
 
     return step
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many updates in a row had a non-finite loss or gradient; the run stops."""
+
+
+def check_finite_updates(metrics: Mapping[str, Any], *, step: int, max_consecutive: int,
+                         name: str = "train") -> int:
+    """Host-side guard after ``make_train_step``: log each skip, stop after N in a row.
+
+    ``metrics`` is the step's metrics dict (``skipped``, ``skipped_total``,
+    ``skipped_consecutive``); ``step`` is the number of steps done, for the
+    messages. A skipped update logs a warning naming the step and both counts;
+    ``skipped_consecutive >= max_consecutive`` raises :class:`NonFiniteError`
+    (the parameters are those of the last finite update, so the last checkpoint
+    is good). Reads three scalars from the device (one sync per call).
+
+    Returns:
+      skipped_consecutive after this step.
+    """
+    if isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int) \
+            or max_consecutive < 1:
+        raise ValueError(f"max_consecutive={max_consecutive!r} must be an int >= 1")
+    counts = jax.device_get({k: metrics[k] for k in
+                             ("skipped", "skipped_total", "skipped_consecutive")})
+    skipped, total, run = (int(counts[k]) for k in
+                           ("skipped", "skipped_total", "skipped_consecutive"))
+    if skipped:
+        log.warning("%s: step %d skipped its update (non-finite loss or gradient; loss=%s); "
+                    "%d skipped in a row, %d in total", name, step,
+                    float(jax.device_get(metrics["loss"])) if "loss" in metrics else "n/a",
+                    run, total)
+    if run >= max_consecutive:
+        raise NonFiniteError(
+            f"{name}: {run} consecutive updates had a non-finite loss or gradient "
+            f"(limit {max_consecutive}, reached at step {step}; {total} skipped in total). "
+            "Stopping: lower the learning rate or check the data; the last checkpoint "
+            "holds the last finite update.")
+    return run

@@ -117,7 +117,7 @@ def _corrupt(tmp_path, problems, line2):
 ])
 def test_malformed_lines_name_file_and_line(tmp_path, problems, mutate, message):
     path = _corrupt(tmp_path, problems, mutate)
-    with pytest.raises(ValueError, match=re.escape(f"bad.jsonl:2")) as err:
+    with pytest.raises(ValueError, match=re.escape("bad.jsonl:2")) as err:
         load_problems(path)
     assert message in str(err.value)
 
