@@ -30,11 +30,13 @@ from collections.abc import Sequence
 
 import jax
 import ml_collections
+import numpy as np
 
 from data.formats import LEVELS, SFTExample, build_policy_example, build_sft_example
 from experiments import cli, rundir
 from experiments.datasets import read_questions, sft_batch
 from experiments.metrics import MetricWriter, Progress
+from models import sharding
 from models.checkpoint import CheckpointManager, abstract_tree
 from models.qwen3 import Qwen3
 from models.training import (check_finite_updates, create_train_state, make_optimizer,
@@ -54,9 +56,30 @@ def lm_loss(model: Qwen3, batch: dict, rng: jax.Array):
     return total, denom, {}
 
 
+def pad_rows(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+    """``batch`` with all-masked rows appended up to a multiple of ``multiple`` rows.
+
+    The rows carry no loss tokens, so the loss (sum over ``loss_mask`` /
+    count) and its gradient are those of the original batch; they let the rows
+    split evenly over the mesh's batch axes.
+    """
+    rows = len(batch["tokens"])
+    extra = -rows % multiple
+    if extra == 0:
+        return batch
+    return {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)])
+            for k, v in batch.items()}
+
+
 def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collections.ConfigDict, *,
-              stage_dir: str, seed: int, name: str) -> tuple[Qwen3, dict]:
+              stage_dir: str, seed: int, name: str, mesh: ml_collections.ConfigDict | None = None
+              ) -> tuple[Qwen3, dict]:
     """``block.steps`` AdamW steps on ``examples``; resumes from ``stage_dir/checkpoints``.
+
+    ``mesh``: the device-mesh block (``models.sharding.mesh_from_config``; None =
+    FSDP over every device, i.e. nothing to shard on one device). Parameters and
+    optimiser state follow the logical-axis rules, batch rows are split over
+    ``data x fsdp``; the per-device memory estimate is logged at start.
 
     Returns (trained model, {'train_seconds', 'tokens_per_second', 'final_loss', 'examples'}).
     ``block.steps == 0`` returns ``model`` unchanged (e.g. a pretrained Qwen3 as the base).
@@ -66,14 +89,22 @@ def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collection
                        "final_loss": float("nan"), "examples": len(examples)}
     optimizer, schedule = make_optimizer(block.optim, name=f"{name}.optim")
     graphdef, state = create_train_state(model, optimizer, rng=seed)
-    state = jax.tree.map(lambda x: x.copy(), state)  # distinct buffers for donation
+    device_mesh = sharding.mesh_from_config(mesh)
+    shardings = sharding.state_shardings(state, device_mesh)
+    # distinct buffers for donation, placed by the logical-axis rules
+    state = jax.device_put(jax.tree.map(lambda x: x.copy(), state), shardings)
     step_fn = jax.jit(make_train_step(graphdef, lm_loss, optimizer, schedule=schedule),
-                      donate_argnums=0)
+                      out_shardings=(shardings, None), donate_argnums=0)
+    batch_rows = device_mesh.shape["data"] * device_mesh.shape["fsdp"]
+    log.info("%s: %s", name, sharding.format_memory(
+        sharding.estimate_memory(state, shardings, model.config, device_mesh,
+                                 batch_size=max(1, block.batch_tokens // block.max_length),
+                                 seq_len=block.max_length), mesh_shape=dict(device_mesh.shape)))
     manager = CheckpointManager(os.path.join(stage_dir, "checkpoints"), max_to_keep=1,
                                 save_interval_steps=block.checkpoint_every)
     start = 0
     if manager.latest_step() is not None:
-        start, state, _ = manager.restore(target=abstract_tree(state))
+        start, state, _ = manager.restore(target=abstract_tree(state, shardings))
         log.info("%s: resuming at step %d", name, start)
     batch_args = dict(seed=seed, batch_tokens=block.batch_tokens, bucket=block.bucket,
                       max_length=block.max_length)
@@ -82,8 +113,8 @@ def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collection
         with MetricWriter(stage_dir, resume_step=start) as writer, \
                 Progress(block.steps, initial=start, desc=name) as bar:
             for step in range(start, block.steps):
-                batch = sft_batch(examples, step=step, **batch_args)
-                state, metrics = step_fn(state, batch)
+                batch = pad_rows(sft_batch(examples, step=step, **batch_args), batch_rows)
+                state, metrics = step_fn(state, sharding.shard_batch(batch, device_mesh))
                 tokens += int(batch["mask"].sum())
                 done = step + 1
                 if done % block.log_every == 0 or done == block.steps:
@@ -106,7 +137,7 @@ def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collection
 def _finish(run: rundir.Run, stage: str, model: Qwen3, examples, config, block) -> dict:
     stage_dir = run.stage_dir(stage)
     model, stats = train_sft(model, examples, block, stage_dir=stage_dir, seed=config.seed,
-                             name=stage)
+                             name=stage, mesh=config.get("mesh"))
     rundir.export_model(model, stage_dir)
     return stats
 

@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.run_dir = "runs/main"
     c.stage = "all"
+    # device mesh of the SFT stages (models/sharding.py; -1 = the remaining devices):
+    # FSDP over every device by default, which is no sharding on one device
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "arithmetic"
@@ -157,6 +160,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     selected_stages(config.stage)
     cli.check(config, "run_dir", bool, "must be a directory path")
     cli.check(config, "seed", lambda v: isinstance(v, int) and v >= 0, "must be an int >= 0")
+    for axis in ("data", "fsdp", "tensor"):
+        cli.check(config, f"mesh.{axis}",
+                  lambda v: not isinstance(v, bool) and isinstance(v, int) and (v >= 1 or v == -1),
+                  "must be an int >= 1, or -1 for the remaining devices")
     cli.check_choice(config, "data.source", SOURCES)
     cli.check_choice(config, "model.source", MODEL_SOURCES)
     cli.check_range(config, "data.vocab_size", low=300, high=65536)
