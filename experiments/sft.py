@@ -63,11 +63,11 @@ def pad_rows(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarra
     count) and its gradient are those of the original batch; they let the rows
     split evenly over the mesh's batch axes.
     """
-    rows = len(batch["tokens"])
-    extra = -rows % multiple
+    extra = -len(batch["tokens"]) % multiple
     if extra == 0:
         return batch
-    return {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)])
+    return {k: v if np.ndim(v) == 0 else   # a per-batch scalar has no rows
+            np.concatenate([v, np.zeros((extra, *np.shape(v)[1:]), np.asarray(v).dtype)])
             for k, v in batch.items()}
 
 

@@ -205,6 +205,7 @@ def state_shardings(tree: Any, mesh: Mesh, *, rules: Mapping[str, Any] = DEFAULT
 def batch_shardings(batch: Any, mesh: Mesh, *, rules: Mapping[str, Any] = DEFAULT_RULES) -> Any:
     """Shardings that split every leaf [B, ...] of ``batch`` over ``rules['batch']``.
 
+    A 0-d leaf (a per-batch scalar, e.g. a flag) has no rows and is replicated.
     Raises ValueError naming the leaf when B is not divisible by the batch-axes
     size (replicating a batch silently would multiply the work per device).
     """
@@ -214,8 +215,9 @@ def batch_shardings(batch: Any, mesh: Mesh, *, rules: Mapping[str, Any] = DEFAUL
     ways = _axes_size(mesh.shape, axes)
 
     def one(path, x):
-        rows = np.shape(x)[0] if np.ndim(x) else None
-        if rows is None or rows % ways:
+        if np.ndim(x) == 0:
+            return NamedSharding(mesh, PartitionSpec())
+        if np.shape(x)[0] % ways:
             raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} of shape {np.shape(x)} "
                              f"cannot be split over mesh axes {axes} ({ways} ways)")
         return NamedSharding(mesh, PartitionSpec(axes or None))

@@ -62,6 +62,8 @@ def test_padded_rows_leave_the_loss_unchanged():
     assert len(padded["tokens"]) == 8 and len(batch["tokens"]) < 8
     assert not padded["loss_mask"][len(batch["tokens"]):].any()
     assert sft.pad_rows(padded, 8) is padded
+    flagged = sft.pad_rows({**batch, "flag": np.float32(2.0)}, 8)
+    assert flagged["flag"] == 2.0 and len(flagged["tokens"]) == 8
     total, denom, _ = sft.lm_loss(model, batch, None)
     total_p, denom_p, _ = sft.lm_loss(model, padded, None)
     assert float(denom_p) == float(denom)

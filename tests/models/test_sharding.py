@@ -185,3 +185,12 @@ def test_scale_configs_resolve_and_estimate_by_hand():
     assert row["sft"].opt_state == 2 * row["sft"].params + 8
     with pytest.raises(ValueError, match="unknown scale target"):
         scale_common.scale_config("v3-8")
+
+
+def test_a_scalar_batch_leaf_is_replicated():
+    mesh = sh.make_mesh(fsdp=-1)
+    batch = {"tokens": np.zeros((4, 3), np.int32), "flag": np.float32(1.0)}
+    out = sh.batch_shardings(batch, mesh)
+    assert out["flag"].spec == P()
+    placed = sh.shard_batch(batch, mesh)
+    assert placed["flag"].shape == () and placed["tokens"].shape == (4, 3)
