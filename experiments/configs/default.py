@@ -1,6 +1,6 @@
 """The embedded default of the main job: synthetic math, SentencePiece, a tiny Qwen3 on CPU.
 
-    python -m experiments.pipeline          # this config; 12 min 41 s on 2 CPU cores (docs/results.md)
+    python -m experiments.pipeline          # this config; 11 min 7 s on 2 CPU cores (docs/results.md)
 
 Sizes and step counts were cut to the 15-minute budget on 2 CPU cores from
 measured CPU time (docs/results.md): a 2-layer, 128-wide decoder (~0.5M

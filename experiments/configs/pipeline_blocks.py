@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"
     m.param_dtype = "float32"
 
-    c.sft_base = sft_block(init="scratch", steps=800, learning_rate=3e-3, batch_tokens=2048)
+    c.sft_base = sft_block(init="scratch", steps=1500, learning_rate=3e-3, batch_tokens=2048)
     c.sft_mixed = sft_block(init="sft_base", steps=300, learning_rate=1e-3, batch_tokens=2048)
     c.sft_policy = sft_block(init="sft_mixed", steps=40, learning_rate=5e-4, batch_tokens=2048)
     c.sft_policy.level_examples = True
