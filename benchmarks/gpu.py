@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 
 from benchmarks import harness as h
 
@@ -268,7 +267,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    if any(a.startswith("--worker") for a in sys.argv[1:]):
-        h.worker_main(HANDLERS, sys.argv[1:])
-    else:
-        main()
+    h.entry(HANDLERS, main)

@@ -162,6 +162,15 @@ def call_handler(handler: Callable[[dict], Mapping[str, Any]], spec: dict,
     return _finish(handler(spec), load_before=load_before, rss_base=base, start=start)
 
 
+def entry(handlers, main) -> None:
+    """A benchmark script's entry point: ``--worker...`` runs that worker's
+    handler (``worker_main``), anything else runs the driver ``main()``."""
+    if any(a.startswith("--worker") for a in sys.argv[1:]):
+        worker_main(handlers, sys.argv[1:])
+    else:
+        main()
+
+
 def worker_main(handlers: Mapping[str, Callable[[dict], Mapping[str, Any]]],
                 argv: Sequence[str]) -> None:
     """Entry point of a worker process: ``--worker=<side> --spec=<json>``."""

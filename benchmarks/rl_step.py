@@ -30,7 +30,6 @@ case of generation. Step 0 compiles everything (its phases are reported as
 """
 from __future__ import annotations
 
-import sys
 import time
 
 from benchmarks import harness as h
@@ -227,7 +226,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    if any(a.startswith("--worker") for a in sys.argv[1:]):
-        h.worker_main(HANDLERS, sys.argv[1:])
-    else:
-        main()
+    h.entry(HANDLERS, main)

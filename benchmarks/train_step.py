@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 
 import numpy as np
@@ -226,7 +225,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    if any(a.startswith("--worker") for a in sys.argv[1:]):
-        h.worker_main(HANDLERS, sys.argv[1:])
-    else:
-        main()
+    h.entry(HANDLERS, main)

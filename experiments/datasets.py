@@ -21,6 +21,7 @@ import numpy as np
 
 from data.arithmetic import Problem
 from data.formats import SFTExample
+from models.compressor import pad_rows
 from experiments import rundir
 
 __all__ = ["Question", "QUESTION_FIELDS", "question_row", "question_from_row", "read_questions",
@@ -99,16 +100,7 @@ def pad_left(rows: Sequence[Sequence[int]], *, width: int, pad_id: int
              ) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 [B, width], mask bool [B, width]) with each row flush right (left padding),
     the layout of prompts for ``models.sampling.generate``."""
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), bool)
-    for b, row in enumerate(rows):
-        n = len(row)
-        if n > width:
-            raise ValueError(f"row {b} has {n} tokens, more than width={width}")
-        if n:
-            ids[b, width - n:] = np.asarray(row, np.int32)
-            mask[b, width - n:] = True
-    return ids, mask
+    return pad_rows(rows, width=width, pad_id=pad_id, left=True)
 
 
 # ----------------------------------------------------------------------------- the data stage

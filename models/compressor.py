@@ -43,17 +43,20 @@ from models.training import next_token_logprobs
 __all__ = ["Scorer", "keep_scorer", "surprisal_scorer", "pad_rows"]
 
 
-def pad_rows(rows: Sequence[Sequence[int]], *, width: int, pad_id: int = 0
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int32 [B, width], mask bool [B, width]), each row flush left (right padding)."""
+def pad_rows(rows: Sequence[Sequence[int]], *, width: int, pad_id: int = 0,
+             left: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [B, width], mask bool [B, width]), each row flush left (right
+    padding), or flush right with ``left=True`` (the prompt layout of
+    ``models.sampling.generate``)."""
     ids = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), bool)
     for b, row in enumerate(rows):
         n = len(row)
         if n > width:
             raise ValueError(f"row {b} has {n} tokens, more than width={width}")
-        ids[b, :n] = np.asarray(row, np.int32).reshape(n)
-        mask[b, :n] = True
+        cols = slice(width - n, width) if left else slice(0, n)
+        ids[b, cols] = np.asarray(row, np.int32).reshape(n)
+        mask[b, cols] = True
     return ids, mask
 
 
