@@ -86,10 +86,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> list[float]:
+def timed(fn: Callable[[], Any], *, repeats: int, warmup: int = 1,
+          cpu_times: list[float] | None = None) -> list[float]:
     """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls.
 
     ``fn`` must block until its work is done (wrap JAX calls in block_until_ready).
+    When ``cpu_times`` is a list, the CPU seconds (user + system, all threads of
+    this process, ``time.process_time``) of each timed call are appended to it:
+    on a loaded machine they move much less than wall times.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, "
@@ -98,9 +102,11 @@ def timed(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> list[float
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - start)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - cpu_start)
     return times
 
 

@@ -97,8 +97,9 @@ def jax_worker(spec: dict) -> dict:
         holder["state"], holder["metrics"] = built["step"](holder["state"], batch)
         jax.block_until_ready(holder["metrics"])
 
-    times = h.timed(call, repeats=spec["repeats"], warmup=spec["warmup"])
-    return {"times": times, "compile_s": built["compile_s"],
+    cpu_times: list[float] = []
+    times = h.timed(call, repeats=spec["repeats"], warmup=spec["warmup"], cpu_times=cpu_times)
+    return {"times": times, "cpu_times": cpu_times, "compile_s": built["compile_s"],
             "compiled_memory": built["compiled_memory"],
             "loss": float(holder["metrics"]["loss"]),
             "skipped": int(holder["metrics"]["skipped_total"])}
@@ -142,8 +143,10 @@ def torch_worker(spec: dict) -> dict:
     start = time.perf_counter()
     call()
     first = time.perf_counter() - start
-    times = h.timed(call, repeats=spec["repeats"], warmup=max(spec["warmup"] - 1, 0))
-    return {"times": times, "compile_s": first, "loss": last["loss"],
+    cpu_times: list[float] = []
+    times = h.timed(call, repeats=spec["repeats"], warmup=max(spec["warmup"] - 1, 0),
+                    cpu_times=cpu_times)
+    return {"times": times, "cpu_times": cpu_times, "compile_s": first, "loss": last["loss"],
             "threads": torch.get_num_threads()}
 
 

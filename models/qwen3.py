@@ -241,6 +241,25 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], *,
     return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
 
 
+def _rows_matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False,
+                 preferred_element_type=None) -> jax.Array:
+    """x [..., I] @ w [I, O] (or w [O, I] with transpose_w) as one 2-D matmul.
+
+    y = reshape(reshape(x, [N, I]) @ w, [..., O]),  N = prod(x.shape[:-1]).
+    Same values as ``x @ w``; flattening the leading axes first makes the
+    weight gradient of the backward pass a plain [N, I]^T [N, O] contraction
+    over one axis. With the 3-D ``x @ w``, autodiff contracts over (batch,
+    time) and XLA:CPU then materialises a transposed copy of the [N, O]
+    activation gradient for every weight gradient (a strided copy fused with
+    the elementwise backward, the largest single cost of the CPU train step,
+    docs/performance.md).
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    dims = (((1,), (1 if transpose_w else 0,)), ((), ()))
+    y = jax.lax.dot_general(rows, w, dims, preferred_element_type=preferred_element_type)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class RMSNorm(nnx.Module):
     """y = scale * x / sqrt(mean(x^2) + eps), statistics in float32."""
 
@@ -286,16 +305,18 @@ class Attention(nnx.Module):
         [offset, offset + T) first, then slots [0, W) are read.
         Returns (y [B, T, E], new kv or None).
 
-        Projections are 2-D matmuls on [E, N*D] views of the kernels; keys and
-        values are kept [B, K, D, S] (slots minor) so that both attention
-        products are batched over (B, K) and stream along the slot axis: a
-        decode step copies neither weights nor cache.
+        Projections are 2-D matmuls of [B*T, E] token rows with [E, N*D] views
+        of the kernels (see `_rows_matmul`); keys and values are kept
+        [B, K, D, S] (slots minor) so that both attention products are batched
+        over (B, K) and stream along the slot axis: a decode step copies
+        neither weights nor cache.
         """
         b, t, e = x.shape
         kh, g, d = self.num_kv_heads, self.groups, self.head_dim
 
         def project(p, n):   # [B, T, E] @ [E, n*D] -> [B, T, n, D]
-            return (x @ p[...].astype(self.dtype).reshape(e, n * d)).reshape(b, t, n, d)
+            w = p[...].astype(self.dtype).reshape(e, n * d)
+            return _rows_matmul(x, w).reshape(b, t, n, d)
 
         q = rope(self.q_norm(project(self.q_proj, kh * g)), positions, theta=self.theta)
         k = rope(self.k_norm(project(self.k_proj, kh)), positions, theta=self.theta)
@@ -317,7 +338,7 @@ class Attention(nnx.Module):
         probs = probs.astype(self.dtype).reshape(b, kh, t * g, -1)
         out = jnp.einsum("bkds,bkqs->bkdq", v_read, probs).reshape(b, kh, d, t, g)
         out = out.transpose(0, 3, 1, 4, 2).reshape(b, t, kh * g * d)
-        y = out @ self.o_proj[...].astype(self.dtype).reshape(kh * g * d, e)
+        y = _rows_matmul(out, self.o_proj[...].astype(self.dtype).reshape(kh * g * d, e))
         return y, (None if kv is None else (k, v))
 
 
@@ -334,8 +355,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        gate = jax.nn.silu(x @ w(self.gate_proj))
-        return (gate * (x @ w(self.up_proj))) @ w(self.down_proj)
+        gate = jax.nn.silu(_rows_matmul(x, w(self.gate_proj)))
+        return _rows_matmul(gate * _rows_matmul(x, w(self.up_proj)), w(self.down_proj))
 
 
 class DecoderBlock(nnx.Module):
@@ -426,10 +447,10 @@ class Qwen3(nnx.Module):
         """LM head on hidden states [..., E] -> float32 logits [..., V]."""
         dt = self.config.compute_dtype
         if self.lm_head is None:
-            return jnp.einsum("...e,ve->...v", hidden, self.embed[...].astype(dt),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("...e,ev->...v", hidden, self.lm_head[...].astype(dt),
-                          preferred_element_type=jnp.float32)
+            return _rows_matmul(hidden, self.embed[...].astype(dt), transpose_w=True,
+                                preferred_element_type=jnp.float32)
+        return _rows_matmul(hidden, self.lm_head[...].astype(dt),
+                            preferred_element_type=jnp.float32)
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                  attention_mask: jax.Array | None = None,

@@ -243,7 +243,11 @@ def next_token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     chex.assert_rank(logits, 3)
     chex.assert_rank(tokens, 2)
     chex.assert_equal_shape_prefix((logits, tokens), 2)
-    return token_logprobs(logits[:, :-1], tokens[:, 1:])
+    # Score all T columns against the targets shifted left (the last column gets
+    # a dummy target, then is dropped): the same values as slicing logits[:, :-1],
+    # without a [B, T-1, V] copy of the logits (and its padded gradient).
+    targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+    return token_logprobs(logits, targets)[:, :-1]
 
 
 def masked_lm_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array
