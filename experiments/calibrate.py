@@ -26,7 +26,8 @@ import numpy as np
 from data.formats import LEVELS
 from experiments import cli, rundir
 from experiments.datasets import read_questions
-from experiments.rollouts import answer_questions
+from experiments.rollouts import answer_questions, place_model
+from models import sharding
 
 __all__ = ["calibration_target", "reference_length", "calibrate", "STAGES", "main"]
 
@@ -60,7 +61,8 @@ def calibrate(config, run: rundir.Run) -> dict:
     tok = run.tokenizer()
     block = config.calibrate
     questions = read_questions(run.path("data", "rl.jsonl"))
-    model = rundir.load_model(run.path("sft_mixed"))
+    mesh = sharding.mesh_from_config(config.get("mesh"))     # docs/scaling.md
+    model = place_model(rundir.load_model(run.path("sft_mixed")), mesh)
     by_level = {level: answer_questions(model, tok, questions, control=level,
                                         batch_size=block.batch_size,
                                         max_new_tokens=block.max_new_tokens)

@@ -18,6 +18,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -26,23 +28,27 @@ from data.compression import CompressedCoT, complete_questions, rebucket
 from data.formats import LEVELS, THINK_OPEN, build_prompt
 from experiments import rundir
 from experiments.datasets import read_questions
-from experiments.rollouts import answer_questions
+from experiments.rollouts import answer_questions, place_model
 from experiments.train_compressor import compress_batch, load_compressor
+from models import sharding
 from models.compressor import Scorer, surprisal_scorer
 
 __all__ = ["compressor_config", "compressor", "selfcot", "compressed_rows", "compress",
            "STAGES"]
 
 
-def compressor_config(block: ml_collections.ConfigDict, run: rundir.Run, *, name: str
-                      ) -> ml_collections.ConfigDict:
-    """The train_compressor config of this run: ``block`` with the run's paths filled in."""
+def compressor_config(block: ml_collections.ConfigDict, run: rundir.Run, *, name: str,
+                      mesh: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The train_compressor config of this run: ``block`` with the run's paths filled in,
+    and ``mesh`` (the pipeline's ``config.mesh`` block, when given) as its ``mesh``."""
     from experiments.configs import compressor as compressor_configs  # noqa: PLC0415
 
     cfg = ml_collections.ConfigDict(block.to_dict(preserve_field_references=True))
     cfg.run_dir = run.path(name)
     cfg.data.tokenizer_path = run.tokenizer_path()
     cfg.data.problems_path = run.path("data", "compressor_problems.jsonl")
+    if mesh is not None:                # the compressor trains on the pipeline's mesh
+        cfg.mesh = ml_collections.ConfigDict(dict(mesh))
     compressor_configs.validate(cfg)
     return cfg
 
@@ -56,7 +62,8 @@ def compressor(config, run: rundir.Run) -> dict:
     if config.compress.baseline_scorer == "trained":
         names.append(("compressor_baseline", config.compressor_baseline))
     for name, block in names:
-        metrics = train_compressor.main(compressor_config(block, run, name=name))
+        metrics = train_compressor.main(compressor_config(block, run, name=name,
+                                                          mesh=config.get("mesh")))
         out.update({f"{name}/{k}": float(v) for k, v in metrics.items()})
     return out
 
@@ -67,7 +74,8 @@ def selfcot(config, run: rundir.Run) -> dict:
     block = config.selfcot
     questions = read_questions(run.path("data", "sft.jsonl"))
     questions = questions[:block.num_questions]
-    model = rundir.load_model(run.path("sft_base"))
+    mesh = sharding.mesh_from_config(config.get("mesh"))     # docs/scaling.md
+    model = place_model(rundir.load_model(run.path("sft_base")), mesh)
     judged = answer_questions(model, tok, questions, control=None, batch_size=block.batch_size,
                               max_new_tokens=block.max_new_tokens)
     rows = [{"uid": q.uid, "cot_ids": list(j.cot_ids), "think_length": j.think_length,

@@ -15,7 +15,8 @@ Per method (CHRPO.md, "Evaluation"): Acc = exact answer match after
 normalisation; Tokens = mean think tokens (closed think span, counted on ids);
 ActRatio = Tokens / Tokens(base) on the same questions. Outputs under
 ``run_dir/evaluate``: responses.jsonl (one verdict per question and method),
-results.json, results.md, accuracy_vs_actratio.png, policy_difficulty.png.
+results.json, results.md, accuracy_vs_actratio.png, policy_difficulty.png,
+written by process 0 only (every process computes the same rows).
 """
 from __future__ import annotations
 
@@ -29,11 +30,13 @@ import numpy as np
 from data.formats import POLICY
 from experiments import cli, rundir
 from experiments.datasets import read_questions
-from experiments.rollouts import answer_questions
+from experiments.rollouts import answer_questions, place_model
+from models import sharding
 
 __all__ = ["method_plan", "results_table", "markdown_table", "difficulty_profile",
            "evaluate", "STAGES", "main"]
 
+PLOT_FILES = ("accuracy_vs_actratio.png", "policy_difficulty.png")
 METHOD_STAGES = {"base": "sft_base", "extra-cot": "sft_mixed", "tokenskip": "sft_tokenskip",
                  "policy-warm-start": "sft_policy", "chrpo": "rl"}
 
@@ -122,7 +125,7 @@ def _plots(table: Sequence[dict], rows: Sequence[dict], out_dir: str, key: str) 
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
-    paths = [os.path.join(out_dir, "accuracy_vs_actratio.png")]
+    paths = [os.path.join(out_dir, PLOT_FILES[0])]
     fig.tight_layout()
     fig.savefig(paths[0], dpi=120)
     plt.close(fig)
@@ -144,7 +147,7 @@ def _plots(table: Sequence[dict], rows: Sequence[dict], out_dir: str, key: str) 
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
-    paths.append(os.path.join(out_dir, "policy_difficulty.png"))
+    paths.append(os.path.join(out_dir, PLOT_FILES[1]))
     fig.tight_layout()
     fig.savefig(paths[1], dpi=120)
     plt.close(fig)
@@ -160,11 +163,12 @@ def evaluate(config, run: rundir.Run, *, split: str = "test") -> dict:
     block, tok = config.evaluate, run.tokenizer()
     out_dir = run.stage_dir("evaluate" if split == "test" else f"evaluate_{split}")
     questions = read_questions(run.path("data", f"{split}.jsonl"))[:block.num_questions]
-    rows, models = [], {}
+    rows, models = [], {}                      # one model in memory, on config.mesh
+    mesh = sharding.mesh_from_config(config.get("mesh"))
     for method, control in method_plan(block):
         stage = METHOD_STAGES[method]
         if stage not in models:
-            models = {stage: rundir.load_model(run.path(stage))}  # one model in memory
+            models = {stage: place_model(rundir.load_model(run.path(stage)), mesh)}
         max_new = block.max_new_tokens
         judged = answer_questions(models[stage], tok, questions, control=control,
                                   batch_size=block.batch_size, max_new_tokens=max_new)
@@ -175,14 +179,19 @@ def evaluate(config, run: rundir.Run, *, split: str = "test") -> dict:
     table = results_table(rows)
     profiles = {m: difficulty_profile(rows, method=m, key=block.difficulty_key)
                 for m in ("chrpo", "policy-warm-start", "base")}
+    if sharding.is_main_process():
+        _write_tables(out_dir, split, table, profiles)
+        _plots(table, rows, out_dir, block.difficulty_key)
+    return {"rows": len(table), "plots": list(PLOT_FILES)}
+
+
+def _write_tables(out_dir: str, split: str, table: Sequence[dict], profiles: dict) -> None:
+    """results.json and results.md (the caller writes on process 0 only)."""
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"split": split, "table": table, "policy_difficulty": profiles["chrpo"],
                    "difficulty": profiles}, f, indent=2)
-    markdown = markdown_table(table)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown + "\n")
-    plots = _plots(table, rows, out_dir, block.difficulty_key)
-    return {"rows": len(table), "plots": [os.path.basename(p) for p in plots]}
+        f.write(markdown_table(table) + "\n")
 
 
 def evaluate_val(config, run: rundir.Run) -> dict:

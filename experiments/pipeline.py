@@ -21,6 +21,11 @@ A stage whose ``<stage>/done.json`` exists is skipped, so a re-run resumes where
 the last one stopped (training stages also resume from their checkpoints).
 ``--config.stage=rl`` (or a comma list) runs only the named stages;
 ``--config.stage=evaluate_val`` evaluates on the validation split (for tuning).
+
+Several hosts (docs/scaling.md): every host runs the same command; with
+``distributed.enabled`` the first thing a run does is
+``jax.distributed.initialize`` (``models.sharding.initialize_distributed``), and
+only process 0 writes the run config and prints progress.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import ml_collections
 
 from experiments import calibrate, cli, compressed_data, evaluate, rl, rundir, sft
 from experiments.datasets import prepare_data
+from models import sharding
 
 __all__ = ["STAGE_ORDER", "stage_functions", "selected_stages", "run_stages", "main"]
 
@@ -68,23 +74,29 @@ def selected_stages(stage: str, only: Mapping | None = None) -> list[str]:
 
 
 def run_stages(config: ml_collections.ConfigDict, *, only: Mapping | None = None) -> dict:
-    """Run the selected stages in order, skipping finished ones; returns their summaries."""
+    """Run the selected stages in order, skipping finished ones; returns their summaries.
+
+    First ``sharding.initialize_distributed(config.distributed)`` (a no-op unless
+    ``distributed.enabled``); progress lines are printed by process 0 only.
+    """
+    sharding.initialize_distributed(config.get("distributed"))
+    say = print if sharding.is_main_process() else (lambda *a, **k: None)
     names = selected_stages(config.stage, only)
     os.makedirs(config.run_dir, exist_ok=True)
-    cli.write_run_config(config, config.run_dir, resumable=RESUMABLE)
+    cli.write_run_config(config, config.run_dir, resumable=RESUMABLE)   # process 0 writes
     run, functions = rundir.Run(config.run_dir), stage_functions()
     summaries, start = {}, time.perf_counter()
     for i, name in enumerate(names, start=1):
         status = "done, skipping" if run.done(name) else "running"
-        print(f"[{i}/{len(names)}] {name}: {status}", flush=True)
+        say(f"[{i}/{len(names)}] {name}: {status}", flush=True)
         summary = rundir.run_stage(run, name, lambda fn=functions[name]: fn(config, run))
         summaries[name] = summary
         if not summary.get("skipped"):
-            print(f"[{i}/{len(names)}] {name}: finished in {summary['seconds']:.1f}s "
-                  f"({summary['cpu_seconds']:.0f} CPU-s; total {time.perf_counter() - start:.1f}s,"
-                  f" load {os.getloadavg()[0]:.1f})", flush=True)
+            say(f"[{i}/{len(names)}] {name}: finished in {summary['seconds']:.1f}s "
+                f"({summary['cpu_seconds']:.0f} CPU-s; total {time.perf_counter() - start:.1f}s,"
+                f" load {os.getloadavg()[0]:.1f})", flush=True)
     total = time.perf_counter() - start
-    print(f"stages {', '.join(names)}: {total:.1f}s", flush=True)
+    say(f"stages {', '.join(names)}: {total:.1f}s", flush=True)
     summaries["total_seconds"] = total
     return summaries
 
@@ -93,7 +105,7 @@ def main(config: ml_collections.ConfigDict) -> dict:
     """Run the pipeline, then print the results table (when evaluation has run)."""
     summaries = run_stages(config)
     table = os.path.join(config.run_dir, "evaluate", "results.md")
-    if os.path.exists(table):
+    if os.path.exists(table) and sharding.is_main_process():
         with open(table) as f:
             print(f"\nresults on held-out problems ({config.run_dir}/evaluate):\n" + f.read())
     return summaries

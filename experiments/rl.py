@@ -24,6 +24,14 @@ One RL step, as a recipe (the math is chrpo/, the model code models/):
 The checkpoint holds the whole state: params, optimiser, multiplier, RL step,
 data position and both PRNG keys (``TrainState.extra``), so a resumed run is
 the same run.
+
+Device mesh (``config.mesh``, ``models.sharding``; the default is a 1x1x1 mesh on
+one device, the same code): the policy's state and the frozen reference are
+placed by the logical-axis rules, rollouts and scoring run on the sharded
+parameters, and each mini-batch is padded with all-masked rows to a multiple of
+``data x fsdp`` (``pad_minibatch``: such rows weigh zero in every aggregation)
+before its rows are split over the mesh. Scores come back to the host with
+``sharding.to_host`` (a gather across processes on several hosts).
 """
 from __future__ import annotations
 
@@ -43,13 +51,14 @@ from experiments import cli, rundir
 from experiments.datasets import bucket_width, read_questions
 from experiments.metrics import MetricWriter, Progress, Timer
 from experiments.rollouts import RolloutGroups, rollout_groups
+from models import sharding
 from models.checkpoint import CheckpointManager, abstract_tree
 from models.sampling import completion_logprobs, score
 from models.training import (check_finite_updates, create_train_state, make_optimizer,
                              make_train_step, merge_model)
 
-__all__ = ["chrpo_config", "prompt_order", "reward_inputs", "make_rl_loss", "rl", "STAGES",
-           "main"]
+__all__ = ["chrpo_config", "prompt_order", "reward_inputs", "make_rl_loss", "pad_minibatch",
+           "rl", "STAGES", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +109,20 @@ def make_rl_loss(config: chrpo.ChrpoConfig):
     return loss_fn
 
 
+def pad_minibatch(batch: dict, multiple: int) -> dict:
+    """``batch`` with rows appended up to a multiple of ``multiple`` (mesh row shards).
+
+    An appended row has an all-False ``completion_mask`` (and prompt mask, zero
+    ids, log-probs and advantage). ``chrpo.policy_loss`` zeroes every masked
+    token, and each aggregation counts only tokens or non-empty rows, so
+    (loss_sum, denominator), the masked-mean metrics and the gradient (the
+    masked logits are finite: the model masks with finfo.min, not -inf) are
+    those of ``batch``; tests/experiments/test_rl_mesh.py checks all three
+    aggregations.
+    """
+    return sharding.pad_rows(batch, multiple)
+
+
 def _step_metrics(batch: RolloutGroups, inputs: chrpo.RewardInputs, adv_metrics: dict,
                   updates: list[dict]) -> dict:
     policy = batch.local_ids == 0
@@ -124,8 +147,7 @@ def _init_state(config, model, optimizer):
     extra = {"lagrange": chrpo.init_lagrange(), "rl_step": jnp.zeros((), jnp.int32),
              "position": jnp.zeros((), jnp.int32),
              "rollout_key": jax.random.key(config.seed + 1)}
-    graphdef, state = create_train_state(model, optimizer, rng=config.seed, extra=extra)
-    return graphdef, jax.tree.map(lambda x: x.copy(), state)  # distinct buffers for donation
+    return create_train_state(model, optimizer, rng=config.seed, extra=extra)
 
 
 def _advantages(batch: RolloutGroups, inputs: chrpo.RewardInputs, *, num_local: int,
@@ -140,14 +162,17 @@ def _advantages(batch: RolloutGroups, inputs: chrpo.RewardInputs, *, num_local: 
 
 
 def _optimise(state, train_step, arrays: dict, *, passes: int, minibatches: int,
-              rng: np.random.Generator, max_skips: int):
+              rng: np.random.Generator, max_skips: int, mesh):
     """``passes`` shuffled passes of ``minibatches`` updates; returns (state, metrics list).
 
+    Each mini-batch is padded to the mesh's row shards and split over them.
     Stops with NonFiniteError after ``max_skips`` non-finite updates in a row."""
-    rows, updates = len(arrays["advantages"]), []
+    rows, updates, ways = len(arrays["advantages"]), [], sharding.batch_ways(mesh)
     for _ in range(passes):
         for chunk in np.split(rng.permutation(rows), minibatches):
-            state, metrics = train_step(state, {k: v[chunk] for k, v in arrays.items()})
+            batch = pad_minibatch({k: v[chunk] for k, v in arrays.items()}, ways)
+            state, metrics = train_step(state, sharding.shard_batch(batch, mesh,
+                                                                    process_local=False))
             check_finite_updates(metrics, step=int(state.step), name="rl",
                                  max_consecutive=max_skips)
             updates.append(metrics)
@@ -164,6 +189,19 @@ def _dual_step(extra: dict, inputs: chrpo.RewardInputs, policy_rows: np.ndarray,
     return {**extra, "lagrange": lagrange}
 
 
+def _log_memory(state, shardings, model_config, mesh, block, prompt_width: int) -> None:
+    """Per-device memory of one update (a mini-batch) and of the rollouts' KV cache."""
+    rows = block.prompts_per_step * (block.policy_samples
+                                     + len(block.forced_levels) * block.forced_samples)
+    ways = sharding.batch_ways(mesh)
+    per_update = -(-(rows // block.minibatches) // ways) * ways      # padded mini-batch
+    length = prompt_width + block.max_new_tokens + 1                   # + forced control
+    estimate = sharding.estimate_memory(state, shardings, model_config, mesh,
+                                        batch_size=per_update, seq_len=length,
+                                        sample_batch=rows, sample_length=length)
+    log.info("rl: %s", sharding.format_memory(estimate, mesh_shape=dict(mesh.shape)))
+
+
 def rl(config, run: rundir.Run) -> dict:
     """The CHRPO stage: train the policy-mode model, export it to ``rl/model``."""
     block, tok = config.rl, run.tokenizer()
@@ -172,21 +210,25 @@ def rl(config, run: rundir.Run) -> dict:
     questions = read_questions(run.path("data", "rl.jsonl"))
     by_uid = {r["uid"]: r for r in rundir.read_jsonl(run.path("calibrate", "calibration.jsonl"))}
     calibration = [by_uid[q.uid] for q in questions]
+    mesh = sharding.mesh_from_config(config.get("mesh"))
     policy = rundir.load_model(run.path(block.init))
-    reference = nnx.split(rundir.load_model(run.path(block.init)))   # frozen
+    ref_graphdef, ref_state = nnx.split(rundir.load_model(run.path(block.init)))   # frozen
+    reference = (ref_graphdef, sharding.place_state(ref_state, mesh)[0])
     optim = ml_collections.ConfigDict(block.optim.to_dict())
     optim.total_steps = block.steps * block.passes * block.minibatches
     optimizer, schedule = make_optimizer(optim, name="rl.optim")
     graphdef, state = _init_state(config, policy, optimizer)
-    train_step = jax.jit(make_train_step(graphdef, make_rl_loss(objective), optimizer,
-                                         schedule=schedule), donate_argnums=0)
+    state, shardings = sharding.place_state(state, mesh)
+    train_step = sharding.jit_train_step(make_train_step(graphdef, make_rl_loss(objective),
+                                                         optimizer, schedule=schedule), shardings)
     manager = CheckpointManager(os.path.join(stage_dir, "checkpoints"), max_to_keep=2,
                                 save_interval_steps=block.checkpoint_every)
     if manager.latest_step() is not None:
-        _, state, _ = manager.restore(target=abstract_tree(state))
+        _, state, _ = manager.restore(target=abstract_tree(state, shardings))
     start = int(state.extra["rl_step"])
     prompt_width = bucket_width(max(len(build_prompt(tok, q.question, control="policy"))
                                     for q in questions) + 1, 32)
+    _log_memory(state, shardings, policy.config, mesh, block, prompt_width)
     timer, last = Timer(), {}
     with MetricWriter(stage_dir, resume_step=start) as writer, \
             Progress(block.steps, initial=start, desc="rl") as bar:
@@ -210,18 +252,20 @@ def rl(config, run: rundir.Run) -> dict:
             with timer.phase("score") as t:
                 old_logp = t.block(score(*nnx.split(model), *tensors))
                 ref_logp = t.block(score(*reference, *tensors))
+            old_logp, ref_logp, advantages = sharding.to_host((old_logp, ref_logp, advantages))
             arrays = dict(zip(("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"),
-                              tensors), old_logp=np.asarray(old_logp),
-                          ref_logp=np.asarray(ref_logp), advantages=np.asarray(advantages))
+                              tensors), old_logp=old_logp, ref_logp=ref_logp,
+                          advantages=advantages)
             with timer.phase("update"):
                 state, updates = _optimise(state, train_step, arrays, passes=block.passes,
                                            minibatches=block.minibatches,
-                                           max_skips=block.max_consecutive_skips,
+                                           max_skips=block.max_consecutive_skips, mesh=mesh,
                                            rng=np.random.default_rng([config.seed, 11, step]))
             extra = _dual_step(dict(state.extra), inputs, batch.local_ids == 0, block)
             extra["rl_step"] = jnp.asarray(step + 1, jnp.int32)
             extra["position"] = jnp.asarray((step + 1) * block.prompts_per_step, jnp.int32)
-            state = state.replace(extra=extra)
+            # the host-made extras go back onto the state's (replicated) shardings
+            state = jax.device_put(state.replace(extra=extra), shardings)
             last = {**_step_metrics(batch, inputs, adv_metrics, updates), **timer.pop(),
                     "lambda": float(extra["lagrange"].multiplier)}
             writer.write(step + 1, last)

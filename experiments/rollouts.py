@@ -5,6 +5,15 @@ fixed-size batches with one prompt width (the longest prompt rounded up to a
 multiple of ``prompt_bucket``), so a stage compiles the sampler once; a short
 last batch is filled with copies of its first prompt, whose outputs are dropped.
 
+On a device mesh (``mesh=``, ``models.sharding``) the parameters are placed by
+the logical-axis rules and each batch's prompt rows are split over the batch
+axes (``data x fsdp``): the batch is filled with those same copies up to a
+multiple of ``batch_ways(mesh)`` rows, and the outputs come back with
+``sharding.to_host`` (a gather across hosts). ``mesh=None`` takes the mesh the
+parameters already live on (e.g. the RL policy, placed by ``sharding.place_state``;
+``place_model`` places a loaded model once per stage), and parameters on no
+mesh decode on their device as before. Greedy outputs do not depend on the mesh.
+
 ``judge`` parses each response with ``data.formats.parse_response`` and checks
 the answer with ``data.answers.is_equivalent`` (never ``eval``)::
 
@@ -21,16 +30,18 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from data.answers import is_equivalent
 from data.formats import Control, build_prompt, parse_response
 from data.tokenizers import Tokenizer
 from experiments.datasets import Question, bucket_width, pad_left
+from models import sharding
 from models.qwen3 import Qwen3
 from models.sampling import generate
 
-__all__ = ["Judged", "generate_responses", "judge", "answer_questions", "RolloutGroups",
-           "rollout_groups"]
+__all__ = ["Judged", "place_model", "generate_responses", "judge", "answer_questions",
+           "RolloutGroups", "rollout_groups"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,31 +59,72 @@ class Judged:
                 "think_length": self.think_length}
 
 
+def place_model(model: Qwen3, mesh: Mesh) -> Qwen3:
+    """``model`` with its state on ``mesh`` by the logical-axis rules (parameters
+    sharded, the rest replicated); a new module, ``model`` is left as it is."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, _on_mesh(state, mesh))
+
+
+def _on_mesh(state, mesh: Mesh):
+    """``state`` placed by the rules (a no-op for leaves already there). On several
+    processes, leaves that are not yet on ``mesh`` (e.g. a model every host loaded
+    on its own device) go through host memory, since a single-device array cannot
+    be resharded onto other hosts' devices (not run here: no multi-host machine)."""
+    shardings = sharding.state_shardings(state, mesh)
+    if jax.process_count() > 1:
+        state = jax.tree.map(lambda x, s: x if getattr(x, "sharding", None) == s
+                             else np.asarray(x), state, shardings)
+    return jax.device_put(state, shardings)
+
+
+def _mesh_of(state) -> Mesh | None:
+    """The mesh of the first ``NamedSharding``-placed array of ``state`` (None if none)."""
+    for leaf in jax.tree.leaves(state):
+        if isinstance(leaf, jax.Array) and isinstance(leaf.sharding, NamedSharding):
+            return leaf.sharding.mesh
+    return None
+
+
 def generate_responses(model: Qwen3, prompts: Sequence[Sequence[int]], *, tokenizer: Tokenizer,
                        batch_size: int, max_new_tokens: int, temperature: float = 0.0,
                        key: jax.Array | None = None, prompt_bucket: int = 32,
-                       prompt_width: int | None = None) -> list[np.ndarray]:
+                       prompt_width: int | None = None, mesh: Mesh | None = None
+                       ) -> list[np.ndarray]:
     """Response ids of every prompt (through the stop token ``<|im_end|>`` when emitted).
 
     ``key`` is needed when ``temperature > 0``; batch b draws with ``fold_in(key, b)``.
     ``prompt_width`` fixes the padded prompt width (default: the longest prompt
-    rounded up to a multiple of ``prompt_bucket``).
+    rounded up to a multiple of ``prompt_bucket``). ``mesh``: decode with the rows
+    of each batch (``batch_size`` rounded up to a multiple of
+    ``sharding.batch_ways(mesh)``) split over the mesh; sampled (not greedy)
+    draws then depend on that row count.
     """
     if not prompts:
         return []
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
     graphdef, state = nnx.split(model)
+    mesh = _mesh_of(state) if mesh is None else mesh
+    rows = batch_size
+    if mesh is not None:
+        ways = sharding.batch_ways(mesh)
+        rows = -(-batch_size // ways) * ways
+        state = _on_mesh(state, mesh)
     width = prompt_width or bucket_width(max(len(p) for p in prompts), prompt_bucket)
     out: list[np.ndarray] = []
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = [list(p) for p in prompts[start:start + batch_size]]
         real = len(chunk)
-        chunk += [chunk[0]] * (batch_size - real)
+        chunk += [chunk[0]] * (rows - real)
         ids, mask = pad_left(chunk, width=width, pad_id=tokenizer.pad_id)
+        if mesh is not None:
+            ids, mask = sharding.shard_batch((ids, mask), mesh, process_local=False)
         result = generate(graphdef, state, ids, mask, max_new_tokens=max_new_tokens,
                           temperature=temperature, stop_ids=(tokenizer.eos_id,),
                           pad_id=tokenizer.pad_id,
                           key=None if key is None else jax.random.fold_in(key, b))
-        tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+        tokens, lengths = sharding.to_host((result.tokens, result.lengths))
         out.extend(tokens[r, :lengths[r]].copy() for r in range(real))
     return out
 
@@ -88,17 +140,18 @@ def judge(tokenizer: Tokenizer, response: Sequence[int], gold: str, *,
 
 def answer_questions(model: Qwen3, tokenizer: Tokenizer, questions: Sequence[Question], *,
                      control: Control, batch_size: int, max_new_tokens: int,
-                     temperature: float = 0.0, key: jax.Array | None = None
-                     ) -> list[Judged]:
+                     temperature: float = 0.0, key: jax.Array | None = None,
+                     mesh: Mesh | None = None) -> list[Judged]:
     """Greedy (or sampled) answers to ``questions`` in one mode, judged.
 
     ``control``: None (base mode), a level (``<COMP_xx>`` prompts, the response
-    must start with a control token) or ``'policy'``.
+    must start with a control token) or ``'policy'``. ``mesh``: see
+    :func:`generate_responses`.
     """
     prompts = [build_prompt(tokenizer, q.question, control=control) for q in questions]
     responses = generate_responses(model, prompts, tokenizer=tokenizer, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, temperature=temperature,
-                                   key=key)
+                                   key=key, mesh=mesh)
     return [judge(tokenizer, r, q.answer, expect_control=control is not None)
             for r, q in zip(responses, questions)]
 
@@ -128,8 +181,12 @@ class RolloutGroups:
 def rollout_groups(model: Qwen3, tokenizer: Tokenizer, questions: Sequence[Question], *,
                    policy_samples: int, forced_levels: Sequence[int], forced_samples: int,
                    max_new_tokens: int, temperature: float, key: jax.Array,
-                   prompt_width: int, completion_bucket: int) -> RolloutGroups:
-    """Sample every rollout of one RL step and judge it (see :class:`RolloutGroups`)."""
+                   prompt_width: int, completion_bucket: int, mesh: Mesh | None = None
+                   ) -> RolloutGroups:
+    """Sample every rollout of one RL step and judge it (see :class:`RolloutGroups`).
+
+    All rollouts are one batch; ``mesh`` splits its rows (see :func:`generate_responses`).
+    """
     control = tokenizer.control_ids
     prompts, forced, groups, local = [], [], [], []
     for g, q in enumerate(questions):
@@ -144,7 +201,7 @@ def rollout_groups(model: Qwen3, tokenizer: Tokenizer, questions: Sequence[Quest
     responses = generate_responses(
         model, [p + f for p, f in zip(prompts, forced)], tokenizer=tokenizer,
         batch_size=len(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
-        key=key, prompt_width=prompt_width)
+        key=key, prompt_width=prompt_width, mesh=mesh)
     completions = [np.concatenate([np.asarray(f, np.int32), r]).astype(np.int32)
                    for f, r in zip(forced, responses)]
     width = bucket_width(max(len(c) for c in completions), completion_bucket)

@@ -11,6 +11,11 @@ Layout (``Run(run_dir)``)::
 A stage counts as done when its ``done.json`` exists, so the pipeline skips it on
 a re-run and a crashed stage resumes from its own checkpoints.
 
+Several hosts: ``run_dir`` must be on a filesystem that every host shares. Only
+process 0 writes ``done.json`` and the JSONL outputs (``write_jsonl``);
+``run_stage`` ends with a barrier (``sharding.sync_processes``), so no process
+starts the next stage, which reads them, before process 0 has written them.
+
 Models: a decoder is built from the ``model`` block (``source='config'``: a fresh
 tiny Qwen3; ``source='hf'``: a local Hugging Face safetensors directory) and
 exported after each training stage as Orbax params under ``<stage>/model``.
@@ -29,6 +34,7 @@ import ml_collections
 from flax import nnx
 
 from data.tokenizers import Tokenizer, load_tokenizer
+from models import sharding
 from models.checkpoint import CheckpointManager, abstract_tree
 from models.qwen3 import Qwen3, Qwen3Config
 
@@ -61,7 +67,9 @@ class Run:
             return json.load(f)
 
     def mark_done(self, stage: str, summary: dict) -> None:
-        """Write the summary (non-finite floats as null: strict JSON)."""
+        """Write the summary (non-finite floats as null: strict JSON); process 0 only."""
+        if not sharding.is_main_process():
+            return
         path = self.path(stage, DONE_FILE)
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in summary.items()}
@@ -81,7 +89,10 @@ class Run:
 
 def run_stage(run: Run, name: str, fn: Callable[[], dict], *, force: bool = False) -> dict:
     """Run ``fn`` unless the stage is done; record its summary with ``seconds`` (wall)
-    and ``cpu_seconds`` (this process, all threads: a load-independent cost)."""
+    and ``cpu_seconds`` (this process, all threads: a load-independent cost).
+
+    Process 0 writes ``done.json``; every process then waits at a barrier named
+    after the stage, so all of them see the stage's files before the next one."""
     if run.done(name) and not force:
         return {**run.summary(name), "skipped": True}
     start, cpu = time.perf_counter(), time.process_time()
@@ -89,6 +100,7 @@ def run_stage(run: Run, name: str, fn: Callable[[], dict], *, force: bool = Fals
     summary["seconds"] = time.perf_counter() - start
     summary["cpu_seconds"] = time.process_time() - cpu
     run.mark_done(name, summary)
+    sharding.sync_processes(f"stage {name} done")
     return summary
 
 
@@ -140,10 +152,13 @@ def grow_vocab(model: Qwen3, vocab_size: int, *, seed: int) -> Qwen3:
 
 
 def export_model(model: Qwen3, stage_dir: str) -> None:
-    """Write the parameters (Orbax) and the architecture to ``<stage_dir>/model``."""
+    """Write the parameters (Orbax; every process takes part) and the architecture
+    (``<stage_dir>/model.json``, process 0 only) to ``<stage_dir>/model``."""
     params = nnx.split(model, nnx.Param, ...)[1]
     with CheckpointManager(os.path.join(stage_dir, MODEL_DIR), max_to_keep=1) as manager:
         manager.save(0, params, force=True)
+    if not sharding.is_main_process():
+        return
     with open(os.path.join(stage_dir, MODEL_DIR + ".json"), "w") as f:
         json.dump(dataclasses.asdict(model.config), f, indent=2, sort_keys=True)
 
@@ -165,6 +180,10 @@ def load_model(stage_dir: str) -> Qwen3:
 # ----------------------------------------------------------------------------- JSONL
 
 def write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
+    """One sorted-key JSON object per line, written atomically; on process 0 only
+    (every process computes the same rows; see the module docstring)."""
+    if not sharding.is_main_process():
+        return
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, sort_keys=True, separators=(",", ":")) + "\n")

@@ -61,14 +61,10 @@ def pad_rows(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarra
 
     The rows carry no loss tokens, so the loss (sum over ``loss_mask`` /
     count) and its gradient are those of the original batch; they let the rows
-    split evenly over the mesh's batch axes.
+    split evenly over the mesh's batch axes (``models.sharding.pad_rows`` with
+    zero fill).
     """
-    extra = -len(batch["tokens"]) % multiple
-    if extra == 0:
-        return batch
-    return {k: v if np.ndim(v) == 0 else   # a per-batch scalar has no rows
-            np.concatenate([v, np.zeros((extra, *np.shape(v)[1:]), np.asarray(v).dtype)])
-            for k, v in batch.items()}
+    return sharding.pad_rows(batch, multiple)
 
 
 def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collections.ConfigDict, *,
@@ -90,12 +86,10 @@ def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collection
     optimizer, schedule = make_optimizer(block.optim, name=f"{name}.optim")
     graphdef, state = create_train_state(model, optimizer, rng=seed)
     device_mesh = sharding.mesh_from_config(mesh)
-    shardings = sharding.state_shardings(state, device_mesh)
-    # distinct buffers for donation, placed by the logical-axis rules
-    state = jax.device_put(jax.tree.map(lambda x: x.copy(), state), shardings)
-    step_fn = jax.jit(make_train_step(graphdef, lm_loss, optimizer, schedule=schedule),
-                      out_shardings=(shardings, None), donate_argnums=0)
-    batch_rows = device_mesh.shape["data"] * device_mesh.shape["fsdp"]
+    state, shardings = sharding.place_state(state, device_mesh)
+    step_fn = sharding.jit_train_step(make_train_step(graphdef, lm_loss, optimizer,
+                                                      schedule=schedule), shardings)
+    batch_rows = sharding.batch_ways(device_mesh)
     log.info("%s: %s", name, sharding.format_memory(
         sharding.estimate_memory(state, shardings, model.config, device_mesh,
                                  batch_size=max(1, block.batch_tokens // block.max_length),

@@ -28,7 +28,6 @@ import os
 import time
 from collections.abc import Sequence
 
-import jax
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -40,6 +39,7 @@ from data.formats import SEP
 from data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
 from experiments import cli
 from experiments.metrics import MetricWriter, Progress
+from models import sharding
 from models.checkpoint import CheckpointManager, abstract_tree
 from models.compressor import Scorer, keep_scorer, surprisal_scorer
 from models.encoder import TokenClassifier, ordinal_loss
@@ -266,19 +266,26 @@ def train(config: ml_collections.ConfigDict, model: nnx.Module, ids, grades, *,
           run_dir: str, metadata: dict) -> tuple[nnx.Module, dict]:
     """Optimise ``model`` for ``train.steps`` steps, resuming from the latest checkpoint.
 
+    On the device mesh of ``config.mesh`` (None: FSDP over every device, nothing
+    to shard on one) like experiments/sft.py: state placed by the logical-axis
+    rules, batches padded with unlabelled rows (grades -1, no loss) to a
+    multiple of ``data x fsdp`` and split over them.
+
     Returns (trained model, {'train_seconds', 'steps_per_second', 'final_loss'}).
     """
     tc = config.train
     optimizer, schedule = make_optimizer(tc.optim, name="train.optim")
     graphdef, state = create_train_state(model, optimizer, rng=config.seed)
+    mesh = sharding.mesh_from_config(config.get("mesh"))
+    state, shardings = sharding.place_state(state, mesh)
     loss_fn = lm_loss if config.kind == "surprisal" else classifier_loss
-    step_fn = jax.jit(make_train_step(graphdef, loss_fn, optimizer, schedule=schedule),
-                      donate_argnums=0)
+    step_fn = sharding.jit_train_step(make_train_step(graphdef, loss_fn, optimizer,
+                                                      schedule=schedule), shardings)
     manager = CheckpointManager(os.path.join(run_dir, "checkpoints"), max_to_keep=2,
                                 save_interval_steps=tc.checkpoint_every)
     start = 0
     if manager.latest_step() is not None:
-        start, state, _ = manager.restore(target=abstract_tree(state))
+        start, state, _ = manager.restore(target=abstract_tree(state, shardings))
         log.info("resuming %s at step %d", run_dir, start)
     t0, loss = time.perf_counter(), float("nan")
     with MetricWriter(run_dir, resume_step=start) as writer, \
@@ -286,7 +293,8 @@ def train(config: ml_collections.ConfigDict, model: nnx.Module, ids, grades, *,
         for step in range(start, tc.steps):
             batch = sample_batch(ids, grades, step=step, seed=config.seed,
                                  batch_tokens=tc.batch_tokens, bucket=tc.bucket)
-            state, metrics = step_fn(state, batch)
+            batch = sharding.pad_rows(batch, sharding.batch_ways(mesh), fill={"grades": -1})
+            state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
             done = step + 1
             if done % tc.log_every == 0 or done == tc.steps:
                 loss = float(metrics["loss"])

@@ -24,9 +24,9 @@ Typical use::
 
     mesh = mesh_from_config(config.mesh)                      # sizes, -1 = the rest
     graphdef, state = create_train_state(model, optimizer, rng=0)
-    shardings = state_shardings(state, mesh)
-    state = jax.device_put(state, shardings)
-    step = jax.jit(make_train_step(...), out_shardings=(shardings, None), donate_argnums=0)
+    state, shardings = place_state(state, mesh)               # by the logical-axis rules
+    step = jit_train_step(make_train_step(...), shardings)    # out_shardings, donation
+    batch = pad_rows(batch, batch_ways(mesh))                 # all-masked rows, if needed
     state, metrics = step(state, shard_batch(batch, mesh))
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
@@ -42,10 +42,10 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["MESH_AXES", "DEFAULT_RULES", "resolve_mesh_shape", "make_mesh", "mesh_from_config",
-           "logical_to_spec", "state_shardings", "replicated", "batch_shardings", "shard_batch",
+           "logical_to_spec", "state_shardings", "replicated", "place_state", "jit_train_step",
+           "batch_ways", "pad_rows", "batch_shardings", "shard_batch", "to_host",
            "constrain", "activate", "initialize_distributed", "is_main_process",
-           "MemoryEstimate", "tree_bytes_per_device", "held_bytes_per_device", "activation_bytes",
-           "kv_cache_bytes", "estimate_memory", "abstract_train_state", "format_memory"]
+           "sync_processes"]
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -200,7 +200,62 @@ def state_shardings(tree: Any, mesh: Mesh, *, rules: Mapping[str, Any] = DEFAULT
     return jax.tree.map(one, tree, is_leaf=_is_variable)
 
 
+def place_state(state: Any, mesh: Mesh, *, rules: Mapping[str, Any] = DEFAULT_RULES
+                ) -> tuple[Any, Any]:
+    """(state on ``mesh``, its shardings): every leaf copied into a buffer of its own
+    (a train step donates its input state, and a fresh TrainState may share
+    buffers) and placed by ``state_shardings``. On a 1x1x1 mesh this is a copy."""
+    shardings = state_shardings(state, mesh, rules=rules)
+    return jax.device_put(jax.tree.map(lambda x: x.copy(), state), shardings), shardings
+
+
+def jit_train_step(step: Any, shardings: Any) -> Any:
+    """``jax.jit`` of a pure ``step(state, batch) -> (state, metrics)`` that keeps the
+    state on ``shardings`` (``out_shardings``) and donates the input state."""
+    return jax.jit(step, out_shardings=(shardings, None), donate_argnums=0)
+
+
 # ----------------------------------------------------------------------------- batches
+
+def _batch_axes(mesh: Mesh, rules: Mapping[str, Any]) -> tuple[str, ...]:
+    target = rules["batch"]
+    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def batch_ways(mesh: Mesh, *, rules: Mapping[str, Any] = DEFAULT_RULES) -> int:
+    """Number of row shards of a batch on ``mesh`` (``data x fsdp`` by default): the
+    rows of every sharded batch must be a multiple of it (see ``pad_rows``)."""
+    return _axes_size(mesh.shape, _batch_axes(mesh, rules))
+
+
+def pad_rows(batch: Mapping[str, Any], multiple: int, *,
+             fill: Mapping[str, Any] | None = None) -> Any:
+    """``batch`` with rows appended up to a multiple of ``multiple`` rows.
+
+    An appended row of leaf ``k`` is ``fill[k]`` everywhere (default 0: zero ids
+    and all-False masks). Callers choose fills that give the rows zero weight
+    (no loss tokens, e.g. ``fill={'grades': -1}`` for unlabelled positions), so
+    the loss, its gradient and the masked metrics equal the original batch's.
+    0-d leaves (per-batch scalars) have no rows and are kept. ``batch`` itself
+    is returned when no row is needed.
+    """
+    rows = {np.shape(v)[0] for v in batch.values() if np.ndim(v) > 0}
+    if len(rows) != 1:
+        raise ValueError(f"batch leaves disagree on their number of rows: {sorted(rows)}")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple={multiple!r} must be an int >= 1")
+    extra = -rows.pop() % multiple
+    if extra == 0:
+        return batch
+    fill = dict(fill or {})
+    unknown = sorted(set(fill) - set(batch))
+    if unknown:
+        raise ValueError(f"fill names keys {unknown} that the batch does not have")
+    return {k: v if np.ndim(v) == 0 else np.concatenate(
+        [v, np.full((extra, *np.shape(v)[1:]), fill.get(k, 0), np.asarray(v).dtype)])
+        for k, v in batch.items()}
+
 
 def batch_shardings(batch: Any, mesh: Mesh, *, rules: Mapping[str, Any] = DEFAULT_RULES) -> Any:
     """Shardings that split every leaf [B, ...] of ``batch`` over ``rules['batch']``.
@@ -209,9 +264,7 @@ def batch_shardings(batch: Any, mesh: Mesh, *, rules: Mapping[str, Any] = DEFAUL
     Raises ValueError naming the leaf when B is not divisible by the batch-axes
     size (replicating a batch silently would multiply the work per device).
     """
-    target = rules["batch"]
-    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    axes = _batch_axes(mesh, rules)
     ways = _axes_size(mesh.shape, axes)
 
     def one(path, x):
@@ -225,16 +278,25 @@ def batch_shardings(batch: Any, mesh: Mesh, *, rules: Mapping[str, Any] = DEFAUL
     return jax.tree_util.tree_map_with_path(one, batch)
 
 
-def shard_batch(batch: Any, mesh: Mesh, *, rules: Mapping[str, Any] = DEFAULT_RULES) -> Any:
+def shard_batch(batch: Any, mesh: Mesh, *, rules: Mapping[str, Any] = DEFAULT_RULES,
+                process_local: bool = True) -> Any:
     """Place a host batch on ``mesh``, rows split over the batch axes.
 
     One process: ``batch`` is the global batch. Several processes (multi-host):
-    ``batch`` is this process's rows (e.g. from a grain loader with
-    ``ShardByJaxProcess``) and the global array is assembled without copying
-    between hosts (``jax.make_array_from_process_local_data``).
+    with ``process_local=True``, ``batch`` is this process's rows (e.g. from a
+    grain loader with ``ShardByJaxProcess``) and the global array is assembled
+    without copying between hosts (``jax.make_array_from_process_local_data``);
+    with ``process_local=False`` every process holds the whole global batch
+    (e.g. RL rollouts, gathered on every host) and places only the rows of its
+    own devices.
     """
     if jax.process_count() == 1:
         return jax.device_put(batch, batch_shardings(batch, mesh, rules=rules))
+    if not process_local:
+        full = jax.tree.map(np.asarray, batch)
+        return jax.tree.map(lambda s, x: jax.make_array_from_callback(x.shape, s,
+                                                                      lambda i: x[i]),
+                            batch_shardings(full, mesh, rules=rules), full)
     local = jax.tree.map(np.asarray, batch)
     global_shapes = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct((x.shape[0] * jax.process_count(), *x.shape[1:]),
@@ -243,6 +305,25 @@ def shard_batch(batch: Any, mesh: Mesh, *, rules: Mapping[str, Any] = DEFAULT_RU
     return jax.tree.map(
         lambda s, x, g: jax.make_array_from_process_local_data(s, x, g.shape),
         shardings, local, global_shapes)
+
+
+def to_host(x: Any) -> Any:
+    """The whole value of every jax.Array of ``x`` as numpy, on every process.
+
+    One process: ``np.asarray``. Several processes: an array that is not fully
+    addressable (sharded over other hosts' devices) is gathered (``multihost_utils.process_allgather``, a
+    collective: every process must call it).
+    """
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, x)
+    from jax.experimental import multihost_utils  # noqa: PLC0415 (multi-host only)
+
+    def one(a):
+        if not isinstance(a, jax.Array) or a.is_fully_addressable:
+            return np.asarray(a)
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+    return jax.tree.map(one, x)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -288,9 +369,12 @@ def initialize_distributed(block: Mapping[str, Any] | None) -> bool:
 
     ``block`` keys: enabled (bool), and optionally coordinator_address,
     num_processes, process_id (left out on TPU pods and SLURM, where JAX finds
-    them). Returns True when it initialised.
+    them). Returns True when this call initialised (False when disabled, or when
+    JAX's distributed runtime is already up).
     """
     if block is None or not block.get("enabled", False):
+        return False
+    if jax.distributed.is_initialized():   # several entry points may call this
         return False
     kwargs = {k: block[k] for k in ("coordinator_address", "num_processes", "process_id")
               if block.get(k) is not None}
@@ -303,145 +387,31 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def sync_processes(name: str) -> None:
+    """Wait until every process reaches the barrier ``name``; a no-op on one process.
+
+    Used after process 0 writes a file that the other processes read next (a
+    stage's outputs and ``done.json``), with ``run_dir`` on a filesystem that
+    every host shares.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415 (multi-host only)
+
+        multihost_utils.sync_global_devices(name)
+
+
 # ----------------------------------------------------------------------------- memory
 
-class MemoryEstimate(NamedTuple):
-    """Bytes per device. params / opt_state / gradients / other come from the actual
-    shardings (``state_shardings``); activations and kv_cache from the model config
-    (see ``activation_bytes`` and ``kv_cache_bytes``)."""
-    params: int
-    opt_state: int
-    gradients: int
-    other: int
-    activations: int
-    kv_cache: int
-
-    @property
-    def total(self) -> int:
-        return sum(self)
+# The per-device memory estimate lives in models/sharding_memory.py; its names are
+# also attributes of this module (``sharding.estimate_memory``), loaded on first use.
+_MEMORY_NAMES = ("MemoryEstimate", "tree_bytes_per_device", "held_bytes_per_device",
+                 "activation_bytes", "kv_cache_bytes", "estimate_memory", "abstract_train_state",
+                 "format_memory")
 
 
-def _leaf_bytes(shape: Sequence[int], dtype: Any) -> int:
-    if jax.numpy.issubdtype(dtype, jax.dtypes.prng_key):
-        return math.prod(shape) * 8          # a threefry key is two uint32 words
-    return math.prod(shape) * np.dtype(dtype).itemsize
+def __getattr__(name: str) -> Any:
+    if name in _MEMORY_NAMES:
+        from models import sharding_memory  # noqa: PLC0415 (it imports this module)
 
-
-def tree_bytes_per_device(tree: Any, shardings: Any) -> int:
-    """Bytes one device holds when ``tree`` (arrays or ShapeDtypeStructs) is placed
-    with ``shardings`` (same structure): sum of ``prod(shard_shape) * itemsize``."""
-    leaves = jax.tree.leaves(tree)
-    sharding_leaves = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
-    if len(leaves) != len(sharding_leaves):
-        raise ValueError(f"tree has {len(leaves)} leaves but shardings {len(sharding_leaves)}")
-    return sum(_leaf_bytes(s.shard_shape(np.shape(x)), x.dtype)
-               for x, s in zip(leaves, sharding_leaves, strict=True))
-
-
-def held_bytes_per_device(tree: Any) -> int:
-    """The most bytes any one device actually holds of ``tree``'s jax.Arrays (its
-    addressable shards): the measured counterpart of ``tree_bytes_per_device``."""
-    held: dict[Any, int] = {}
-    for x in jax.tree.leaves(tree):
-        for shard in x.addressable_shards:
-            held[shard.device] = held.get(shard.device, 0) + _leaf_bytes(shard.data.shape,
-                                                                         shard.data.dtype)
-    return max(held.values(), default=0)
-
-
-def _split(size: int, logical: str, mesh: Mesh | Any, rules: Mapping[str, Any]) -> float:
-    """``size`` divided by the mesh ways ``logical`` is sharded (1 when not divisible)."""
-    spec = logical_to_spec((logical,), shape=(size,), mesh=mesh, rules=rules)
-    axes = () if not spec or spec[0] is None else (
-        (spec[0],) if isinstance(spec[0], str) else tuple(spec[0]))
-    return size / _axes_size(dict(mesh.shape), axes)
-
-
-def activation_bytes(config: Any, *, batch_size: int, seq_len: int, mesh: Mesh | Any,
-                     rules: Mapping[str, Any] = DEFAULT_RULES) -> int:
-    """Rough activations one device keeps for the backward pass (no rematerialisation).
-
-    With b = rows per device, T = seq_len, c = compute-dtype bytes, and E, F, H, K,
-    D, V, L the model sizes (H, K, F, V divided by the tensor ways that apply)::
-
-        per layer: b T c (4 E + 2 (H + 2K) D + H D + 4 F)      norms, q/k/v, output, MLP
-                 + b H T^2 (4 + c)                             scores (f32) and probs
-        logits:    2 b T V 4                                   f32 logits and their gradient
-
-    An upper-bound style estimate: XLA fusion usually keeps less.
-    """
-    c = np.dtype(config.compute_dtype).itemsize
-    b = _split(batch_size, "batch", mesh, rules)
-    e, d, layers = config.hidden_size, config.head_dim, config.num_layers
-    h = _split(config.num_heads, "heads", mesh, rules)
-    k = _split(config.num_kv_heads, "kv_heads", mesh, rules)
-    f = _split(config.intermediate_size, "mlp", mesh, rules)
-    v = _split(config.vocab_size, "vocab", mesh, rules)
-    per_layer = b * seq_len * c * (4 * e + 2 * (h + 2 * k) * d + h * d + 4 * f) \
-        + b * h * seq_len ** 2 * (4 + c)
-    return int(layers * per_layer + 2 * b * seq_len * v * 4)
-
-
-def kv_cache_bytes(config: Any, *, batch_size: int, max_length: int, mesh: Mesh | Any,
-                   rules: Mapping[str, Any] = DEFAULT_RULES) -> int:
-    """KV cache per device: ``2 L b K D S c`` (keys and values of every layer), rows split
-    over the batch axes and kv heads over the tensor axis (when divisible)."""
-    c = np.dtype(config.compute_dtype).itemsize
-    b = _split(batch_size, "batch", mesh, rules)
-    k = _split(config.num_kv_heads, "kv_heads", mesh, rules)
-    return int(2 * config.num_layers * b * k * config.head_dim * max_length * c)
-
-
-def estimate_memory(state: Any, shardings: Any, config: Any, mesh: Mesh | Any, *,
-                    batch_size: int, seq_len: int, num_microbatches: int = 1,
-                    sample_batch: int = 0, sample_length: int = 0,
-                    rules: Mapping[str, Any] = DEFAULT_RULES) -> MemoryEstimate:
-    """Per-device memory of a train step and of sampling, before anything is allocated.
-
-    ``state``: a TrainState of arrays or ShapeDtypeStructs (``abstract_train_state``);
-    ``shardings``: ``state_shardings(state, mesh)`` (``mesh`` may be an AbstractMesh,
-    so a pod's figures can be computed on a laptop). Gradients are float32 copies
-    of the parameters (two with micro-batches: the running sum and the current one).
-    Activations are for one micro-batch of ``batch_size // num_microbatches`` rows.
-    """
-    if batch_size % num_microbatches:
-        raise ValueError(f"batch_size={batch_size} is not divisible by "
-                         f"num_microbatches={num_microbatches}")
-    params = tree_bytes_per_device(state.params, shardings.params)
-    grads_f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32),
-                             state.params)
-    grads = tree_bytes_per_device(grads_f32, shardings.params) * (2 if num_microbatches > 1
-                                                                  else 1)
-    opt = tree_bytes_per_device(state.opt_state, shardings.opt_state)
-    other = sum(tree_bytes_per_device(getattr(state, f), getattr(shardings, f))
-                for f in ("non_trainable", "step", "rng", "skipped_total",
-                          "skipped_consecutive", "extra"))
-    acts = activation_bytes(config, batch_size=batch_size // num_microbatches,
-                            seq_len=seq_len, mesh=mesh, rules=rules)
-    kv = kv_cache_bytes(config, batch_size=sample_batch, max_length=sample_length,
-                        mesh=mesh, rules=rules) if sample_batch else 0
-    return MemoryEstimate(params, opt, grads, other, acts, kv)
-
-
-def abstract_train_state(model_config: Any, optimizer: Any, *, extra: Any = None) -> Any:
-    """The TrainState of a fresh ``Qwen3(model_config)`` as ShapeDtypeStructs (no allocation)."""
-    from models.qwen3 import Qwen3                      # noqa: PLC0415 (qwen3 may import us)
-    from models.training import create_train_state      # noqa: PLC0415
-
-    def build():
-        model = Qwen3(model_config, rngs=nnx.Rngs(0))
-        return create_train_state(model, optimizer, rng=0, extra=extra)[1]
-
-    return jax.eval_shape(build)
-
-
-def format_memory(estimate: MemoryEstimate, *, mesh_shape: Mapping[str, int] | None = None,
-                  device_bytes: int | None = None) -> str:
-    """One human-readable line per component, in GiB, with the total (and the device size)."""
-    gib = 2.0 ** 30
-    head = "memory estimate per device" + (f" on mesh {dict(mesh_shape)}" if mesh_shape else "")
-    rows = [f"  {name:<12}{value / gib:9.3f} GiB" for name, value in estimate._asdict().items()]
-    total = f"  {'total':<12}{estimate.total / gib:9.3f} GiB"
-    if device_bytes:
-        total += f" of {device_bytes / gib:.1f} GiB ({100 * estimate.total / device_bytes:.0f}%)"
-    return "\n".join([head, *rows, total])
+        return getattr(sharding_memory, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -194,3 +194,40 @@ def test_a_scalar_batch_leaf_is_replicated():
     assert out["flag"].spec == P()
     placed = sh.shard_batch(batch, mesh)
     assert placed["flag"].shape == () and placed["tokens"].shape == (4, 3)
+
+
+def test_pad_rows_fills_up_to_the_row_shards():
+    batch = {"tokens": np.arange(6, dtype=np.int32).reshape(3, 2),
+             "grades": np.ones((3, 2), np.int32), "flag": np.float32(2.0)}
+    assert sh.batch_ways(abstract_mesh(2, 2, 2)) == 4 and sh.batch_ways(abstract_mesh(1, 1, 8)) == 1
+    out = sh.pad_rows(batch, sh.batch_ways(abstract_mesh(2, 2, 2)), fill={"grades": -1})
+    np.testing.assert_array_equal(out["tokens"], [[0, 1], [2, 3], [4, 5], [0, 0]])
+    np.testing.assert_array_equal(out["grades"][3], [-1, -1])
+    assert out["grades"].dtype == np.int32 and out["flag"] == 2.0
+    assert sh.pad_rows(out, 4) is out and sh.pad_rows(batch, 1) is batch
+    with pytest.raises(ValueError, match="disagree on their number of rows"):
+        sh.pad_rows({"a": np.zeros((3, 1)), "b": np.zeros((2, 1))}, 4)
+    with pytest.raises(ValueError, match=r"fill names keys \['mask'\]"):
+        sh.pad_rows(batch, 4, fill={"mask": False})
+    with pytest.raises(ValueError, match="multiple=0"):
+        sh.pad_rows(batch, 0)
+
+
+def test_place_state_gives_fresh_buffers_on_the_mesh(tiny):
+    _, _, state = tiny
+    mesh = sh.mesh_from_config(None)
+    placed, shardings = sh.place_state(state, mesh)
+    leaves, placed_leaves = jax.tree.leaves(state), jax.tree.leaves(placed)
+    assert all(a is not b for a, b in zip(leaves, placed_leaves, strict=True))
+    assert all(x.sharding == s for x, s in zip(placed_leaves, jax.tree.leaves(shardings)))
+    step = sh.jit_train_step(lambda s, b: (jax.tree.map(lambda x: x, s), {"b": b}), shardings)
+    out, metrics = step(placed, 3.0)
+    assert float(metrics["b"]) == 3.0 and placed_leaves[0].is_deleted()   # donated
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(out)[0]), np.asarray(leaves[0]))
+
+
+def test_to_host_on_one_process():
+    x = {"a": jnp.arange(4.0), "b": np.int32(3)}
+    out = sh.to_host(x)
+    assert isinstance(out["a"], np.ndarray) and out["a"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert int(out["b"]) == 3
