@@ -1,6 +1,11 @@
 """The embedded default of the main job: synthetic math, SentencePiece, a tiny Qwen3 on CPU.
 
-    python -m experiments.pipeline          # this config; 11 min 7 s on 2 CPU cores (docs/results.md)
+    python -m experiments.pipeline          # this config (docs/results.md)
+
+11 min 7 s (1,127 CPU-s) on 2 quiet CPU cores before the validation tuning of
+session 3 (mixed / TokenSkip-style SFT 300 -> 450 steps, RL learning rate
+2e-4 -> 5e-5); estimated about 1,250 CPU-s since (docs/results.md, "Tuning on
+the validation split"), to be re-measured.
 
 Sizes and step counts were cut to the 15-minute budget on 2 CPU cores from
 measured CPU time (docs/results.md): a 2-layer, 128-wide decoder (~0.5M

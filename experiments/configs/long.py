@@ -8,6 +8,10 @@ about twice the training steps (base SFT 1,500 steps, mixed-ratio and
 TokenSkip-style SFT 500 steps of 4,096 tokens, 20 RL steps). It costs about
 1,600 CPU-seconds, more than the 15-minute budget of the default on 2 cores;
 docs/results.md reports both runs.
+
+runs/final was made with the RL learning rate of that time, 2e-4; base_config()
+now sets 5e-5 (validation tuning of the default), which this file inherits, so
+reproducing runs/final also needs --config.rl.optim.learning_rate=2e-4.
 """
 import ml_collections
 
