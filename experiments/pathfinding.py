@@ -80,7 +80,7 @@ def _ablation(res: dict, split: str = "train_dist") -> str:
 
 def summary_rows(exercise: str, results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the exercise's table; every number comes from results.json."""
-    if exercise == "compression":
+    if exercise in pathfinding_config.LEVEL_EXERCISES:
         header = ["run", "layers", "level k", "kept ratio", "train", "unseen (train dist)",
                   "paper (0-3 children)", "chain ok (train dist)", "answer ok (train dist)"]
         rows = []
@@ -120,7 +120,13 @@ def _plots(config, runs: list, results: dict[str, dict], figures: str) -> list[s
         made.append(os.path.join(figures, f"{ex}_{name}.png"))
         return made[-1]
 
-    if ex == "compression":
+    if ex == "depth4":
+        P.plot_accuracy_curves(results, path("train_curves"), key="train/exact",
+                               title="4 layers, levels 1-4: level-1 train exact match")
+        P.plot_accuracy_curves(results, path("test_curves"), key="train_dist@k1/exact",
+                               title="4 layers, levels 1-4: level-1 unseen-tree exact match")
+        return made
+    if ex in pathfinding_config.LEVEL_EXERCISES:
         points: dict[int, list] = {}
         for r in results.values():
             points[r["layers"]] = [(r["kept_ratio"][f"k{k}"], _acc(r, f"train_dist@k{k}"))

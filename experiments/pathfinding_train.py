@@ -236,11 +236,15 @@ def train_run(config: ml_collections.ConfigDict, run_dir: str, *, quiet: bool = 
               ) -> dict[str, Any]:
     """Train and evaluate one configuration; returns (and writes) ``results.json``.
 
-    A finished run (``results.json`` present, same config) is loaded, not redone;
-    an interrupted one resumes from its last checkpoint.
+    A finished run (``results.json`` present, same config up to the keys that name
+    the sweep it belongs to) is loaded, not redone; an interrupted one resumes from
+    its last checkpoint.
     """
     os.makedirs(run_dir, exist_ok=True)
-    cli.write_run_config(config, run_dir, resumable=("name",))
+    # The sweep a run belongs to (its name, runs, output paths, verbosity) does not change
+    # what it trains, so a finished run is reused by any exercise that lists it.
+    cli.write_run_config(config, run_dir, resumable=("name", "exercise", "runs", "run_dir",
+                                                      "figures_dir", "quiet"))
     results_path = os.path.join(run_dir, RESULTS_FILE)
     if os.path.exists(results_path):
         with open(results_path) as f:

@@ -1,7 +1,7 @@
 """Tree path-finding lab (experiments/pathfinding.py; docs/trees.md).
 
     python -m experiments.pathfinding --config=experiments/configs/pathfinding.py:ex1
-    ... :ex2 | :ex3 | :compression | :init | :representation
+    ... :ex2 | :ex3 | :compression | :compression_full | :depth4 | :init | :representation
     (add _ci, e.g. :ex1_ci, for the CI-sized run)
 
 One config = a base run plus ``runs``: each entry is a space-separated list of
@@ -14,7 +14,17 @@ from experiments import cli
 from experiments.pathfinding_data import MAX_LEVEL
 from models.training import default_optimizer_config
 
-EXERCISES = ("ex1", "ex2", "ex3", "compression", "init", "representation")
+EXERCISES = ("ex1", "ex2", "ex3", "compression", "compression_full", "depth4", "init",
+             "representation")
+LEVEL_EXERCISES = ("compression", "compression_full", "depth4")  # mixed-level training
+# The ':depth4' sweep (4 layers; overrides of the lab's 1-layer settings) and the one of
+# its settings that ':compression_full' uses for its 4-layer run. None of them trained
+# 4 layers (docs/trees.md), so the full sweep keeps the lab's settings ('base').
+_DEPTH4 = {"lr3e-3": "train.optim.learning_rate=3e-3",
+           "std02": "model.init_std=0.02",
+           "base": "",
+           "rope_edge_set": "model.positions=edge_set"}
+L4_SETTING = "base"
 _RUNS = {
     "ex1": ("name=backward_h1 task.name=backward model.heads=1",
             "name=forward_cot_h2 task.name=forward_cot model.heads=2",
@@ -30,7 +40,15 @@ _RUNS = {
             "name=sort_cot task.name=sort_cot",
             "name=sort task.name=sort"),
     # One model per depth, trained on every level at once (task.levels, set below).
-    "compression": tuple(f"name=l{layers} model.layers={layers}" for layers in (1, 2, 4)),
+    # Default: 1 and 2 layers, levels (1, 2), 1,000 steps (minutes); ':compression_full'
+    # adds 4 layers (settings: L4_SETTING of ':depth4') on levels 1-4, 2,000 steps.
+    "compression": tuple(f"name=l{layers} model.layers={layers}" for layers in (1, 2)),
+    "compression_full": tuple(f"name=l{layers} model.layers={layers}" for layers in (1, 2))
+    + (f"name=l4 model.layers=4 {_DEPTH4[L4_SETTING]}".strip(),),
+    # Why 4 layers did not train with the 1-layer settings: the ':compression_full' setting
+    # (levels 1-4) at 400 steps, 4 layers: peak learning rate, init scale, positions.
+    "depth4": tuple(f"name={name} model.layers=4 {setting}".strip()
+                    for name, setting in _DEPTH4.items()),
     # Robustness of the backward task (1 head) to the initialisation scale, 3 seeds each.
     "init": tuple(f"name=std{std}_s{seed} task.name=backward model.heads=1 seed={seed} "
                   f"model.init_std={std}" for std in (0.02, 0.1) for seed in (0, 1, 2)),
@@ -45,8 +63,8 @@ _RUNS = {
 
 
 def get_config(arg: str = "ex1") -> ml_collections.ConfigDict:
-    exercise, _, size = arg.partition("_")
-    if exercise not in EXERCISES or size not in ("", "ci"):
+    exercise, size = (arg[:-3], "ci") if arg.endswith("_ci") else (arg, "")
+    if exercise not in EXERCISES:
         raise ValueError(f"config arg must be one of {EXERCISES}, optionally with '_ci'; "
                          f"got {arg!r}")
     c = ml_collections.ConfigDict()
@@ -108,8 +126,12 @@ def get_config(arg: str = "ex1") -> ml_collections.ConfigDict:
     c.train.optim.total_steps = c.train.get_ref("steps")
 
     if exercise == "compression":
+        c.task.levels = (1, 2)
+    if exercise in ("compression_full", "depth4"):
         c.task.levels = (1, 2, 3, 4)
-        c.train.steps = 2000
+        c.train.steps = 2000 if exercise == "compression_full" else 400
+    if exercise == "depth4":
+        c.train.eval_every = 100
     if size == "ci":
         c.run_dir = f"/tmp/chrpo_pathfinding/{arg}"
         c.quiet = True
@@ -124,7 +146,7 @@ def get_config(arg: str = "ex1") -> ml_collections.ConfigDict:
         c.train.probe_size, c.train.plot_examples = 8, 1
         c.train.tensorboard = False
         c.runs = _ci_runs(exercise)
-        if exercise == "compression":
+        if exercise in LEVEL_EXERCISES:
             c.task.levels = (1, 3)   # one full and one compressed level
     return c
 
@@ -139,6 +161,8 @@ def _ci_runs(exercise: str) -> tuple[str, ...]:
                 " data.distractor_nodes=4 data.noise_edges=2" + small,
                 "name=sort_cot task.name=sort_cot"),
         "compression": ("name=l1 model.layers=1", "name=l2 model.layers=2"),
+        "compression_full": ("name=l1 model.layers=1", "name=l2 model.layers=2"),
+        "depth4": _RUNS["depth4"][:1],
         "init": _RUNS["init"][:1],
         "representation": _RUNS["representation"][:1],
     }[exercise]

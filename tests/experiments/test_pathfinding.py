@@ -16,6 +16,7 @@ from experiments import pathfinding as PF
 from experiments import pathfinding_data as D
 from experiments import pathfinding_model as M
 from experiments import pathfinding_roles as R
+from experiments.configs import pathfinding as pathfinding_config
 from experiments.pathfinding_train import ATTENTION_FILE, train_run
 from models.qwen3 import Qwen3, Qwen3Config, with_attention_probs
 
@@ -308,14 +309,33 @@ def test_teacher_forced_exact_match_equals_greedy_decoding():
 
 
 # ----------------------------------------------------------------- configs
-@pytest.mark.parametrize("arg", ["ex1", "ex2", "ex3", "compression", "init", "representation",
-                                 "ex1_ci", "compression_ci", "representation_ci"])
+@pytest.mark.parametrize("arg", ["ex1", "ex2", "ex3", "compression", "compression_full",
+                                 "depth4", "init", "representation", "ex1_ci",
+                                 "compression_ci", "compression_full_ci", "depth4_ci",
+                                 "representation_ci"])
 def test_every_exercise_config_parses_into_valid_runs(arg):
     config = cli.parse([f"--config={CONFIG}:{arg}"])
     runs = PF.run_configs(config)
     assert len(runs) == len(config.runs) and len({r.name for r in runs}) == len(runs)
     for run in runs:
         assert run.train.optim.total_steps == run.train.steps
+
+
+def test_compression_configs_default_small_full_with_four_layers():
+    runs = {a: {r.name: r for r in PF.run_configs(cli.parse([f"--config={CONFIG}:{a}"]))}
+            for a in ("compression", "compression_full", "depth4")}
+    small, full = runs["compression"], runs["compression_full"]
+    assert sorted(small) == ["l1", "l2"] and sorted(full) == ["l1", "l2", "l4"]
+    assert all(r.task.levels == (1, 2) and r.train.steps == 1000 for r in small.values())
+    assert all(r.task.levels == (1, 2, 3, 4) and r.train.steps == 2000 for r in full.values())
+    assert [full[n].model.layers for n in ("l1", "l2", "l4")] == [1, 2, 4]
+    assert full["l1"].train.optim.learning_rate == 1e-2
+    # the 4-layer run of the full sweep uses the ':depth4' setting the config names
+    chosen = runs["depth4"][pathfinding_config.L4_SETTING]
+    for key in ("learning_rate", "warmup"):
+        assert full["l4"].train.optim[key] == chosen.train.optim[key]
+    assert full["l4"].model.init_std == chosen.model.init_std
+    assert all(r.train.steps == 400 and r.model.layers == 4 for r in runs["depth4"].values())
 
 
 def test_config_errors_name_the_key():
@@ -379,6 +399,19 @@ def test_exercise_runs_end_to_end_on_its_ci_config(exercise, tmp_path):
     with open(os.path.join(tmp_path, "summary.json")) as f:
         assert json.load(f)["rows"] == summary["rows"]
     assert PF.main(config)["rows"] == summary["rows"]     # finished runs are reused
+    if exercise == "compression":     # ... also by another sweep that lists the same run
+        stamp = {r.name: os.path.getmtime(os.path.join(tmp_path, r.name, "results.json"))
+                 for r in runs}
+        full = cli.parse([f"--config={CONFIG}:compression_full_ci", f"--config.run_dir={tmp_path}"])
+        assert PF.main(full)["rows"] == summary["rows"]
+        depth4 = cli.parse([f"--config={CONFIG}:depth4_ci", f"--config.run_dir={tmp_path}",
+                            "--config.runs=name=l1 model.layers=1"])
+        sweep = PF.main(depth4)
+        assert sweep["rows"] == summary["rows"][:2]
+        assert sorted(os.path.basename(p) for p in sweep["figures"]) == [
+            "depth4_test_curves.png", "depth4_train_curves.png"]
+        assert stamp == {n: os.path.getmtime(os.path.join(tmp_path, n, "results.json"))
+                         for n in stamp}
 
 
 @pytest.mark.slow
