@@ -21,6 +21,7 @@ import numpy as np
 
 from data.arithmetic import Problem
 from data.formats import SFTExample
+from models import sharding
 from models.compressor import pad_rows
 from experiments import rundir
 
@@ -115,11 +116,17 @@ def _arithmetic_config(block):
 
 
 def _benchmark_rows(block, split: str, work_dir: str) -> list[dict]:
-    """Question rows of one split of a local benchmark (see data/benchmarks.py)."""
-    from data.benchmarks import load_benchmark  # noqa: PLC0415 (tfds: only when used)
+    """Question rows of one split of a local benchmark (see data/benchmarks.py).
+
+    Several processes: process 0 builds the array_record copy under ``work_dir``
+    (on the shared run directory), the others wait for it and then read it."""
+    from data.benchmarks import build_benchmark, load_benchmark  # noqa: PLC0415 (tfds)
 
     name, path, bench_split, start, count = block[split]
-    records = load_benchmark(name, jsonl_path=path, data_dir=work_dir, split=bench_split)
+    if sharding.is_main_process():
+        build_benchmark(name, jsonl_path=path, data_dir=work_dir, split=bench_split)
+    sharding.sync_processes(f"benchmark {name}/{bench_split} built")
+    records = load_benchmark(name, jsonl_path=None, data_dir=work_dir, split=bench_split)
     rows = []
     for i in range(start, min(start + count, len(records))):
         r = records[i]
@@ -139,6 +146,7 @@ def prepare_data(config, run) -> dict:
     never share a problem. Benchmarks: slices of local files (``data.benchmarks``).
     The compressor always learns from annotated synthetic problems
     (``compressor_problems.jsonl``): real benchmarks carry no span annotations.
+    Every process computes the same rows; process 0 writes the files.
     """
     from data.arithmetic import generate_problems, save_problems, tokenizer_corpus  # noqa: PLC0415
     from data.tokenizers import load_tokenizer, train_sentencepiece  # noqa: PLC0415
@@ -153,7 +161,9 @@ def prepare_data(config, run) -> dict:
     else:
         corpus = tokenizer_corpus(generate_problems(d.seeds.tokenizer, d.tokenizer_problems, arith))
         tokenizer, name = train_sentencepiece(corpus, vocab_size=d.vocab_size), "tokenizer.model"
-    tokenizer.save(f"{out}/{name}")
+    main = sharding.is_main_process()
+    if main:
+        tokenizer.save(f"{out}/{name}")
     sizes = {}
     for split in SPLITS:
         if d.source == "arithmetic":

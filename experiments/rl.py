@@ -162,12 +162,15 @@ def _advantages(batch: RolloutGroups, inputs: chrpo.RewardInputs, *, num_local: 
 
 
 def _optimise(state, train_step, arrays: dict, *, passes: int, minibatches: int,
-              rng: np.random.Generator, max_skips: int, mesh):
+              rng: np.random.Generator, max_skips: int, mesh, num_microbatches: int = 1):
     """``passes`` shuffled passes of ``minibatches`` updates; returns (state, metrics list).
 
-    Each mini-batch is padded to the mesh's row shards and split over them.
-    Stops with NonFiniteError after ``max_skips`` non-finite updates in a row."""
-    rows, updates, ways = len(arrays["advantages"]), [], sharding.batch_ways(mesh)
+    Each mini-batch is padded to a multiple of the mesh's row shards times
+    ``num_microbatches`` (the train step's gradient accumulation) and split over
+    the mesh. Stops with NonFiniteError after ``max_skips`` non-finite updates in
+    a row."""
+    rows, updates = len(arrays["advantages"]), []
+    ways = sharding.batch_ways(mesh) * num_microbatches
     for _ in range(passes):
         for chunk in np.split(rng.permutation(rows), minibatches):
             batch = pad_minibatch({k: v[chunk] for k, v in arrays.items()}, ways)
@@ -189,15 +192,17 @@ def _dual_step(extra: dict, inputs: chrpo.RewardInputs, policy_rows: np.ndarray,
     return {**extra, "lagrange": lagrange}
 
 
-def _log_memory(state, shardings, model_config, mesh, block, prompt_width: int) -> None:
+def _log_memory(state, shardings, model_config, mesh, block, prompt_width: int,
+                num_microbatches: int) -> None:
     """Per-device memory of one update (a mini-batch) and of the rollouts' KV cache."""
     rows = block.prompts_per_step * (block.policy_samples
                                      + len(block.forced_levels) * block.forced_samples)
-    ways = sharding.batch_ways(mesh)
+    ways = sharding.batch_ways(mesh) * num_microbatches
     per_update = -(-(rows // block.minibatches) // ways) * ways      # padded mini-batch
     length = prompt_width + block.max_new_tokens + 1                   # + forced control
     estimate = sharding.estimate_memory(state, shardings, model_config, mesh,
                                         batch_size=per_update, seq_len=length,
+                                        num_microbatches=num_microbatches,
                                         sample_batch=rows, sample_length=length)
     log.info("rl: %s", sharding.format_memory(estimate, mesh_shape=dict(mesh.shape)))
 
@@ -219,8 +224,11 @@ def rl(config, run: rundir.Run) -> dict:
     optimizer, schedule = make_optimizer(optim, name="rl.optim")
     graphdef, state = _init_state(config, policy, optimizer)
     state, shardings = sharding.place_state(state, mesh)
+    micro = config.get("microbatches")
+    micro = micro.rl if micro is not None else 1
     train_step = sharding.jit_train_step(make_train_step(graphdef, make_rl_loss(objective),
-                                                         optimizer, schedule=schedule), shardings)
+                                                         optimizer, schedule=schedule,
+                                                         num_microbatches=micro), shardings)
     manager = CheckpointManager(os.path.join(stage_dir, "checkpoints"), max_to_keep=2,
                                 save_interval_steps=block.checkpoint_every)
     if manager.latest_step() is not None:
@@ -228,7 +236,7 @@ def rl(config, run: rundir.Run) -> dict:
     start = int(state.extra["rl_step"])
     prompt_width = bucket_width(max(len(build_prompt(tok, q.question, control="policy"))
                                     for q in questions) + 1, 32)
-    _log_memory(state, shardings, policy.config, mesh, block, prompt_width)
+    _log_memory(state, shardings, policy.config, mesh, block, prompt_width, micro)
     timer, last = Timer(), {}
     with MetricWriter(stage_dir, resume_step=start) as writer, \
             Progress(block.steps, initial=start, desc="rl") as bar:
@@ -260,12 +268,13 @@ def rl(config, run: rundir.Run) -> dict:
                 state, updates = _optimise(state, train_step, arrays, passes=block.passes,
                                            minibatches=block.minibatches,
                                            max_skips=block.max_consecutive_skips, mesh=mesh,
+                                           num_microbatches=micro,
                                            rng=np.random.default_rng([config.seed, 11, step]))
             extra = _dual_step(dict(state.extra), inputs, batch.local_ids == 0, block)
             extra["rl_step"] = jnp.asarray(step + 1, jnp.int32)
             extra["position"] = jnp.asarray((step + 1) * block.prompts_per_step, jnp.int32)
             # the host-made extras go back onto the state's (replicated) shardings
-            state = jax.device_put(state.replace(extra=extra), shardings)
+            state = sharding.put_global(state.replace(extra=extra), shardings)
             last = {**_step_metrics(batch, inputs, adv_metrics, updates), **timer.pop(),
                     "lambda": float(extra["lagrange"].multiplier)}
             writer.write(step + 1, last)

@@ -69,13 +69,9 @@ def place_model(model: Qwen3, mesh: Mesh) -> Qwen3:
 def _on_mesh(state, mesh: Mesh):
     """``state`` placed by the rules (a no-op for leaves already there). On several
     processes, leaves that are not yet on ``mesh`` (e.g. a model every host loaded
-    on its own device) go through host memory, since a single-device array cannot
-    be resharded onto other hosts' devices (not run here: no multi-host machine)."""
-    shardings = sharding.state_shardings(state, mesh)
-    if jax.process_count() > 1:
-        state = jax.tree.map(lambda x, s: x if getattr(x, "sharding", None) == s
-                             else np.asarray(x), state, shardings)
-    return jax.device_put(state, shardings)
+    on its own device) go through host memory (``sharding.put_global``;
+    tests/experiments/test_multihost.py runs it on two processes)."""
+    return sharding.put_global(state, sharding.state_shardings(state, mesh))
 
 
 def _mesh_of(state) -> Mesh | None:

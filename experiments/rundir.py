@@ -35,7 +35,7 @@ from flax import nnx
 
 from data.tokenizers import Tokenizer, load_tokenizer
 from models import sharding
-from models.checkpoint import CheckpointManager, abstract_tree
+from models.checkpoint import CheckpointManager, local_target
 from models.qwen3 import Qwen3, Qwen3Config
 
 __all__ = ["DONE_FILE", "Run", "model_config", "build_model", "export_model", "load_model",
@@ -173,7 +173,7 @@ def load_model(stage_dir: str) -> Qwen3:
     graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0))),
                                        nnx.Param, ...)
     with CheckpointManager(path, max_to_keep=1) as manager:
-        _, params, _ = manager.restore(target=abstract_tree(params))
+        _, params, _ = manager.restore(target=local_target(params))
     return nnx.merge(graphdef, params, rest)
 
 

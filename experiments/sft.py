@@ -68,14 +68,19 @@ def pad_rows(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarra
 
 
 def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collections.ConfigDict, *,
-              stage_dir: str, seed: int, name: str, mesh: ml_collections.ConfigDict | None = None
-              ) -> tuple[Qwen3, dict]:
+              stage_dir: str, seed: int, name: str, mesh: ml_collections.ConfigDict | None = None,
+              num_microbatches: int = 1) -> tuple[Qwen3, dict]:
     """``block.steps`` AdamW steps on ``examples``; resumes from ``stage_dir/checkpoints``.
 
     ``mesh``: the device-mesh block (``models.sharding.mesh_from_config``; None =
     FSDP over every device, i.e. nothing to shard on one device). Parameters and
     optimiser state follow the logical-axis rules, batch rows are split over
-    ``data x fsdp``; the per-device memory estimate is logged at start.
+    ``data x fsdp``; the per-device memory estimate is logged at start. Every
+    process builds the same global batch (a pure function of seed and step) and
+    places the rows of its own devices. ``num_microbatches``: gradient
+    accumulation over that many strided micro-batches of each step's batch
+    (``make_train_step``); batches are padded to a multiple of
+    ``data x fsdp x num_microbatches`` rows.
 
     Returns (trained model, {'train_seconds', 'tokens_per_second', 'final_loss', 'examples'}).
     ``block.steps == 0`` returns ``model`` unchanged (e.g. a pretrained Qwen3 as the base).
@@ -88,12 +93,15 @@ def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collection
     device_mesh = sharding.mesh_from_config(mesh)
     state, shardings = sharding.place_state(state, device_mesh)
     step_fn = sharding.jit_train_step(make_train_step(graphdef, lm_loss, optimizer,
-                                                      schedule=schedule), shardings)
-    batch_rows = sharding.batch_ways(device_mesh)
+                                                      schedule=schedule,
+                                                      num_microbatches=num_microbatches),
+                                      shardings)
+    batch_rows = sharding.batch_ways(device_mesh) * num_microbatches
+    rows = -(-max(1, block.batch_tokens // block.max_length) // batch_rows) * batch_rows
     log.info("%s: %s", name, sharding.format_memory(
-        sharding.estimate_memory(state, shardings, model.config, device_mesh,
-                                 batch_size=max(1, block.batch_tokens // block.max_length),
-                                 seq_len=block.max_length), mesh_shape=dict(device_mesh.shape)))
+        sharding.estimate_memory(state, shardings, model.config, device_mesh, batch_size=rows,
+                                 seq_len=block.max_length, num_microbatches=num_microbatches),
+        mesh_shape=dict(device_mesh.shape)))
     manager = CheckpointManager(os.path.join(stage_dir, "checkpoints"), max_to_keep=1,
                                 save_interval_steps=block.checkpoint_every)
     start = 0
@@ -108,7 +116,8 @@ def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collection
                 Progress(block.steps, initial=start, desc=name) as bar:
             for step in range(start, block.steps):
                 batch = pad_rows(sft_batch(examples, step=step, **batch_args), batch_rows)
-                state, metrics = step_fn(state, sharding.shard_batch(batch, device_mesh))
+                state, metrics = step_fn(state, sharding.shard_batch(batch, device_mesh,
+                                                                     process_local=False))
                 tokens += int(batch["mask"].sum())
                 done = step + 1
                 if done % block.log_every == 0 or done == block.steps:
@@ -130,8 +139,10 @@ def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collection
 
 def _finish(run: rundir.Run, stage: str, model: Qwen3, examples, config, block) -> dict:
     stage_dir = run.stage_dir(stage)
+    micro = config.get("microbatches")
     model, stats = train_sft(model, examples, block, stage_dir=stage_dir, seed=config.seed,
-                             name=stage, mesh=config.get("mesh"))
+                             name=stage, mesh=config.get("mesh"),
+                             num_microbatches=micro.sft if micro is not None else 1)
     rundir.export_model(model, stage_dir)
     return stats
 

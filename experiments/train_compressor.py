@@ -40,7 +40,7 @@ from data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
 from experiments import cli
 from experiments.metrics import MetricWriter, Progress
 from models import sharding
-from models.checkpoint import CheckpointManager, abstract_tree
+from models.checkpoint import CheckpointManager, abstract_tree, local_target
 from models.compressor import Scorer, keep_scorer, surprisal_scorer
 from models.encoder import TokenClassifier, ordinal_loss
 from models.qwen3 import Qwen3, Qwen3Config
@@ -294,7 +294,7 @@ def train(config: ml_collections.ConfigDict, model: nnx.Module, ids, grades, *,
             batch = sample_batch(ids, grades, step=step, seed=config.seed,
                                  batch_tokens=tc.batch_tokens, bucket=tc.bucket)
             batch = sharding.pad_rows(batch, sharding.batch_ways(mesh), fill={"grades": -1})
-            state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
+            state, metrics = step_fn(state, sharding.shard_batch(batch, mesh, process_local=False))
             done = step + 1
             if done % tc.log_every == 0 or done == tc.steps:
                 loss = float(metrics["loss"])
@@ -314,10 +314,12 @@ def train(config: ml_collections.ConfigDict, model: nnx.Module, ids, grades, *,
 
 def export_model(model: nnx.Module, run_dir: str, metadata: dict, *, step: int) -> None:
     """Write the parameters after ``step`` training steps (Orbax, ``<run_dir>/model``, newest
-    only) and ``compressor.json``."""
+    only) and ``compressor.json`` (process 0)."""
     params = nnx.split(model, nnx.Param, ...)[1]
     with CheckpointManager(os.path.join(run_dir, "model"), max_to_keep=1) as manager:
         manager.save(step, params, metadata, force=True)
+    if not sharding.is_main_process():      # Orbax writes from every process; JSON from one
+        return
     with open(os.path.join(run_dir, EXPORT_FILE), "w") as f:
         json.dump(metadata, f, indent=2, sort_keys=True)
 
@@ -336,7 +338,7 @@ def load_model(run_dir: str) -> tuple[nnx.Module, dict]:
 
     graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
     with CheckpointManager(os.path.join(run_dir, "model"), max_to_keep=1) as manager:
-        _, params, _ = manager.restore(target=abstract_tree(params))
+        _, params, _ = manager.restore(target=local_target(params))
     return nnx.merge(graphdef, params, rest), meta
 
 
@@ -377,7 +379,8 @@ def _tokenizer(config, run_dir: str) -> Tokenizer:
     else:
         corpus = tokenizer_corpus(generate_problems(d.tokenizer_seed, d.tokenizer_problems))
         tokenizer = train_sentencepiece(corpus, vocab_size=d.vocab_size)
-    tokenizer.save(os.path.join(run_dir, TOKENIZER_FILE))
+    if sharding.is_main_process():
+        tokenizer.save(os.path.join(run_dir, TOKENIZER_FILE))
     return tokenizer
 
 

@@ -60,7 +60,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "Restored", "CheckpointManager",
-           "abstract_tree", "tree_checksums"]
+           "abstract_tree", "local_target", "tree_checksums"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,15 @@ def abstract_tree(tree: Any, shardings: Any = None) -> Any:
     if shardings is None:
         return jax.tree.map(one, tree)
     return jax.tree.map(one, tree, shardings)
+
+
+def local_target(tree: Any) -> Any:
+    """``abstract_tree(tree)`` on this process's first local device: the restore
+    target for a model that every process loads whole (an exported model read
+    before it is placed on a mesh). Without it Orbax restores onto the devices
+    named in the checkpoint, which other hosts do not have."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return abstract_tree(tree, jax.tree.map(lambda _: device, tree))
 
 
 def _leaf_name(path) -> str:

@@ -248,13 +248,22 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, max_new_tokens, 
     return GenerateOutput(tokens=tokens, lengths=lengths, logprobs=logprobs, steps=step)
 
 
+def _local_rows(x) -> list[tuple[int, np.ndarray]]:
+    """(first row, values) of the rows of ``x`` this process holds: all of them, or,
+    for an array sharded over several hosts, each addressable shard's (a host can
+    check only its own rows)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return [(s.index[0].start or 0, np.asarray(s.data)) for s in x.addressable_shards]
+    return [(0, np.asarray(x))]
+
+
 def _check_prompt(ids, mask, name: str) -> None:
     chex.assert_rank(ids, 2)
     chex.assert_equal_shape([ids, mask])
     if not isinstance(mask, jax.core.Tracer):
-        real = np.asarray(mask).astype(bool).sum(axis=1)
-        if (real == 0).any():
-            empty = np.flatnonzero(real == 0).tolist()
+        empty = sorted({start + int(r) for start, rows in _local_rows(mask)
+                        for r in np.flatnonzero(rows.astype(bool).sum(axis=1) == 0)})
+        if empty:
             raise ValueError(f"{name}: rows {empty} have no real token")
 
 
@@ -343,8 +352,9 @@ def score(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array,
     _check_prompt(prompt_ids, prompt_mask, "prompt_mask")
     chex.assert_equal_shape([completion_ids, completion_mask])
     if not isinstance(completion_mask, jax.core.Tracer):
-        m = np.asarray(completion_mask).astype(bool)
-        holes = np.flatnonzero((m[:, 1:] & ~m[:, :-1]).any(axis=1))
-        if holes.size:
-            raise ValueError(f"completion_mask rows {holes.tolist()} are not a prefix of ones")
+        holes = sorted({start + int(r) for start, m in _local_rows(completion_mask)
+                        for r in np.flatnonzero((m.astype(bool)[:, 1:]
+                                                 & ~m.astype(bool)[:, :-1]).any(axis=1))})
+        if holes:
+            raise ValueError(f"completion_mask rows {holes} are not a prefix of ones")
     return _score(graphdef, state, prompt_ids, prompt_mask, completion_ids, completion_mask)

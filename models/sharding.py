@@ -42,7 +42,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["MESH_AXES", "DEFAULT_RULES", "resolve_mesh_shape", "make_mesh", "mesh_from_config",
-           "logical_to_spec", "state_shardings", "replicated", "place_state", "jit_train_step",
+           "logical_to_spec", "state_shardings", "replicated", "put_global", "place_state", "jit_train_step",
            "batch_ways", "pad_rows", "batch_shardings", "shard_batch", "to_host",
            "constrain", "activate", "initialize_distributed", "is_main_process",
            "sync_processes"]
@@ -200,13 +200,51 @@ def state_shardings(tree: Any, mesh: Mesh, *, rules: Mapping[str, Any] = DEFAULT
     return jax.tree.map(one, tree, is_leaf=_is_variable)
 
 
+def put_global(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put(tree, shardings)`` that also works on several processes.
+
+    One process: ``device_put``. Several processes (multi-host), where a
+    sharding spans other hosts' devices: every process must pass the same
+    global value; a leaf already on its sharding is kept, any other leaf goes
+    through host memory and each process builds only the shards of its own
+    devices (``jax.make_array_from_callback``; PRNG keys via their key data).
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, s):
+        if isinstance(x, jax.Array) and x.sharding == s:
+            return x
+        if jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+            impl, data = jax.random.key_impl(x), _global_value(jax.random.key_data(x))
+            spec = PartitionSpec(*s.spec, *([None] * (data.ndim - np.ndim(x))))
+            placed = jax.make_array_from_callback(data.shape, NamedSharding(s.mesh, spec),
+                                                  lambda i: data[i])
+            return jax.random.wrap_key_data(placed, impl=impl)
+        value = _global_value(x)
+        return jax.make_array_from_callback(value.shape, s, lambda i: value[i])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def _global_value(x: Any) -> np.ndarray:
+    """The whole value of ``x`` on this host (a gather when it spans other hosts)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils  # noqa: PLC0415 (multi-host only)
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def place_state(state: Any, mesh: Mesh, *, rules: Mapping[str, Any] = DEFAULT_RULES
                 ) -> tuple[Any, Any]:
     """(state on ``mesh``, its shardings): every leaf copied into a buffer of its own
     (a train step donates its input state, and a fresh TrainState may share
-    buffers) and placed by ``state_shardings``. On a 1x1x1 mesh this is a copy."""
+    buffers) and placed by ``state_shardings`` (``put_global``: on several hosts
+    every process passes the same state, e.g. built from the same seed). On a
+    1x1x1 mesh this is a copy."""
     shardings = state_shardings(state, mesh, rules=rules)
-    return jax.device_put(jax.tree.map(lambda x: x.copy(), state), shardings), shardings
+    return put_global(jax.tree.map(lambda x: x.copy(), state), shardings), shardings
 
 
 def jit_train_step(step: Any, shardings: Any) -> Any:
@@ -314,16 +352,7 @@ def to_host(x: Any) -> Any:
     addressable (sharded over other hosts' devices) is gathered (``multihost_utils.process_allgather``, a
     collective: every process must call it).
     """
-    if jax.process_count() == 1:
-        return jax.tree.map(np.asarray, x)
-    from jax.experimental import multihost_utils  # noqa: PLC0415 (multi-host only)
-
-    def one(a):
-        if not isinstance(a, jax.Array) or a.is_fully_addressable:
-            return np.asarray(a)
-        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
-
-    return jax.tree.map(one, x)
+    return jax.tree.map(np.asarray if jax.process_count() == 1 else _global_value, x)
 
 
 # ----------------------------------------------------------------------------- activations

@@ -59,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
     # device mesh of the SFT stages (models/sharding.py; -1 = the remaining devices):
     # FSDP over every device by default, which is no sharding on one device
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    # gradient accumulation (models.training.make_train_step): every SFT step / every RL
+    # update is split into this many micro-batches, each spanning the whole mesh
+    c.microbatches = ml_collections.ConfigDict({"sft": 1, "rl": 1})
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "arithmetic"
@@ -170,6 +173,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         cli.check(config, f"mesh.{axis}",
                   lambda v: not isinstance(v, bool) and isinstance(v, int) and (v >= 1 or v == -1),
                   "must be an int >= 1, or -1 for the remaining devices")
+    for key in ("microbatches.sft", "microbatches.rl"):
+        _positive_int(config, key)
     cli.check_choice(config, "data.source", SOURCES)
     cli.check_choice(config, "model.source", MODEL_SOURCES)
     cli.check_range(config, "data.vocab_size", low=300, high=65536)

@@ -130,9 +130,10 @@ def test_padded_minibatch_rows_weigh_nothing(tiny):
 
 # ----------------------------------------------------------------------------- the RL stage
 
-def _config(run_dir: str, mesh: dict | None):
+def _config(run_dir: str, mesh: dict | None, microbatches: int = 1):
     c = test_config.get_config()
     c.run_dir = run_dir
+    c.microbatches.rl = microbatches
     if mesh is not None:
         c.mesh.update(mesh)
     # 3 prompts x (2 policy + 2 forced levels x 1) = 12 rollouts, 2 mini-batches of 6
@@ -177,7 +178,7 @@ def _params(model) -> dict[str, np.ndarray]:
             jax.tree_util.tree_leaves_with_path(nnx.split(model, nnx.Param, ...)[1])}
 
 
-def _run_rl(root: str, mesh: dict | None) -> dict:
+def _run_rl(root: str, mesh: dict | None, microbatches: int = 1) -> dict:
     """Run the rl stage; its metrics, final parameters, each step's rollouts
     (completion ids), the fraction of the policy's bytes one device held and the
     row shards of the sampler's prompts (rows / rows per device)."""
@@ -197,7 +198,7 @@ def _run_rl(root: str, mesh: dict | None) -> dict:
 
     rl.rollout_groups, rollouts_module.generate = recording_rollouts, recording_generate
     try:
-        rl.rl(_config(root, mesh), run)
+        rl.rl(_config(root, mesh, microbatches), run)
     finally:
         rl.rollout_groups, rollouts_module.generate = _REAL_ROLLOUT_GROUPS, _REAL_GENERATE
     return {"metrics": read_metrics(run.path("rl")), "rollouts": rollouts,
@@ -250,6 +251,33 @@ def test_rl_on_eight_devices_equals_one_device(tmp_path, monkeypatch, caplog):
     init = _params(rundir.load_model(str(tmp_path / "one" / "sft_policy")))
     moved = max(float(np.abs(ref["params"][k] - init[k]).max()) for k in init)
     assert moved > 1e-4                                # RL moved the parameters
+
+
+@pytest.mark.slow
+def test_rl_microbatches_equal_one_batch(tmp_path, monkeypatch):
+    """``microbatches.rl=4``: each 6-row mini-batch padded to 8 rows and accumulated
+    over 4 micro-batches of 2 gives the one-batch updates (rtol 1e-5, parameters
+    within 1e-5 after 4 updates, the tolerances of the mesh test above)."""
+    _make_run(str(tmp_path / "one"))
+    shutil.copytree(tmp_path / "one", tmp_path / "micro")
+    monkeypatch.setattr(rl, "reward_inputs", _parity_rewards)
+    ref = _run_rl(str(tmp_path / "one"), None)
+    seen, real = [], rl.make_train_step
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("num_microbatches"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rl, "make_train_step", recording)
+    got = _run_rl(str(tmp_path / "micro"), None, microbatches=4)
+    assert seen == [4]
+    assert got["rollouts"] == ref["rollouts"]
+    for mine, want in zip(got["metrics"], ref["metrics"], strict=True):
+        assert want["advantage_abs_mean"] > 0
+        for key in ("update/loss", "update/grad_norm"):
+            np.testing.assert_allclose(mine[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    for key, value in ref["params"].items():
+        np.testing.assert_allclose(got["params"][key], value, atol=1e-5, rtol=0, err_msg=key)
 
 
 _REAL_ROLLOUT_GROUPS = rl.rollout_groups

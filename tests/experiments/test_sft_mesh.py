@@ -45,10 +45,10 @@ def _setup():
     return examples, Qwen3(config, rngs=nnx.Rngs(0)), block
 
 
-def _run(stage_dir, mesh):
+def _run(stage_dir, mesh, num_microbatches=1):
     examples, model, block = _setup()
     model, _ = sft.train_sft(model, examples, block, stage_dir=stage_dir, seed=0, name="t",
-                             mesh=mesh)
+                             mesh=mesh, num_microbatches=num_microbatches)
     losses = [r["train/loss"] for r in read_metrics(stage_dir)]
     params = {"/".join(map(str, path)): np.asarray(leaf) for path, leaf in
               jax.tree_util.tree_leaves_with_path(nnx.split(model, nnx.Param, ...)[1])}
@@ -68,6 +68,31 @@ def test_padded_rows_leave_the_loss_unchanged():
     total_p, denom_p, _ = sft.lm_loss(model, padded, None)
     assert float(denom_p) == float(denom)
     np.testing.assert_allclose(float(total_p), float(total), rtol=1e-6)
+
+
+def test_microbatches_give_the_one_batch_step(tmp_path, monkeypatch):
+    """Gradient accumulation over 3 micro-batches (the 4-row batches are padded to 6
+    rows with all-masked ones) equals one batch: sum_k s_k / sum_k d_k."""
+    losses, params = _run(str(tmp_path / "one"), None)
+    built, real = [], sft.make_train_step
+
+    def recording(*args, **kwargs):
+        built.append(kwargs.get("num_microbatches"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "make_train_step", recording)
+    micro_losses, micro_params = _run(str(tmp_path / "micro"), None, num_microbatches=3)
+    assert built == [3]
+    np.testing.assert_allclose(micro_losses, losses, rtol=1e-5)
+    for key, value in params.items():
+        np.testing.assert_allclose(micro_params[key], value, atol=1e-5, rtol=0, err_msg=key)
+
+
+def test_microbatches_are_read_from_the_config_and_checked():
+    config = cli.parse(["--config=experiments/configs/test.py", "--config.microbatches.sft=2"])
+    assert config.microbatches.sft == 2 and config.microbatches.rl == 1
+    with pytest.raises(cli.ConfigError, match="microbatches.rl"):
+        cli.parse(["--config=experiments/configs/test.py", "--config.microbatches.rl=0"])
 
 
 @pytest.mark.parametrize("value", [0, -2, 1.5, True])

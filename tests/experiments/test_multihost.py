@@ -1,0 +1,202 @@
+"""Two JAX processes on this machine as two "hosts" of one 8-device mesh.
+
+Each process is started with 4 simulated CPU devices, joins the other through
+``models.sharding.initialize_distributed`` (a coordinator on localhost, gloo
+collectives between the processes) and runs the real entry points:
+``experiments.sft.train_sft`` on a mesh that spans both processes (every
+process builds the same global batch and places its own devices' rows) and
+greedy ``experiments.rollouts.generate_responses`` (outputs gathered to every
+process with ``sharding.to_host``), and two CHRPO steps of ``experiments.rl.rl``
+(the set-up and stand-in judge of tests/experiments/test_rl_mesh.py) on a
+data 2 x fsdp 2 x tensor 2 mesh over both processes. Each process writes what
+it saw; the pytest process makes the single-device references with the same
+code. This is the multi-host code path of docs/scaling.md, run for real, on
+one machine.
+"""
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from data.arithmetic import ArithmeticConfig, generate_problems, tokenizer_corpus
+from data.formats import build_prompt, build_sft_example
+from data.tokenizers import train_sentencepiece
+from experiments.configs.pipeline_blocks import sft_block
+from experiments.metrics import read_metrics
+from models.qwen3 import Qwen3, Qwen3Config
+
+ARITH = ArithmeticConfig(max_steps=2)
+MESHES = {"fsdp8": {"data": 1, "fsdp": 8, "tensor": 1},
+          "mixed": {"data": 2, "fsdp": 2, "tensor": 2}}
+STEPS = 3
+PROCESSES, LOCAL_DEVICES = 2, 4
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rl_helpers():
+    """tests/experiments/test_rl_mesh.py as a module (its run set-up and judge)."""
+    spec = importlib.util.spec_from_file_location("_rl_mesh_helpers",
+                                                  os.path.join(HERE, "test_rl_mesh.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _setup():
+    tok = train_sentencepiece(tokenizer_corpus(generate_problems(0, 120, ARITH)), vocab_size=400)
+    problems = generate_problems(5, 24, ARITH)
+    examples = [build_sft_example(tok, p.question, tok.encode(p.cot), p.answer_text)
+                for p in problems]
+    config = Qwen3Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                         max_position_embeddings=1024)
+    block = sft_block(init="scratch", steps=STEPS, learning_rate=1e-3, batch_tokens=1024,
+                      bucket=256, max_length=256)
+    block.log_every = 1
+    block.optim.eps = 1e-4   # as in tests/experiments/test_sft_mesh.py
+    prompts = [build_prompt(tok, p.question, control=None) for p in problems[:7]]
+    return tok, examples, prompts, Qwen3(config, rngs=nnx.Rngs(0)), block
+
+
+def _run(stage_dir, mesh_block):
+    """(losses, params as numpy, greedy responses) of train_sft + generate_responses."""
+    from experiments import sft                            # noqa: PLC0415
+    from experiments.rollouts import generate_responses   # noqa: PLC0415
+    from models import sharding                            # noqa: PLC0415
+
+    tok, examples, prompts, model, block = _setup()
+    model, _ = sft.train_sft(model, examples, block, stage_dir=stage_dir, seed=0, name="t",
+                             mesh=mesh_block)
+    mesh = sharding.mesh_from_config(mesh_block)
+    responses = generate_responses(model, prompts, tokenizer=tok, batch_size=3,
+                                   max_new_tokens=12, mesh=mesh)
+    losses = [r["train/loss"] for r in read_metrics(stage_dir)] if sharding.is_main_process() \
+        else []
+    params = sharding.to_host({"/".join(map(str, path)): leaf for path, leaf in
+                               jax.tree_util.tree_leaves_with_path(
+                                   nnx.split(model, nnx.Param, ...)[1])})
+    return losses, params, [r.tolist() for r in responses]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_device(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    address = f"localhost:{_free_port()}"
+    helpers = _rl_helpers()
+    helpers._make_run(str(tmp_path / "rl_one"))
+    shutil.copytree(tmp_path / "rl_one", tmp_path / "rl_mesh")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"}
+    workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(tmp_path),
+                                 address, str(i)], env=env, cwd=repo, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+               for i in range(PROCESSES)]
+    try:
+        logs = [w.communicate(timeout=600)[0] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    for i, (w, log) in enumerate(zip(workers, logs)):
+        assert w.returncode == 0, f"process {i}:\n{log[-3000:]}"
+    ref_losses, ref_params, ref_responses = _run(str(tmp_path / "one"), None)
+    assert len(ref_losses) == STEPS and ref_losses[-1] < ref_losses[0]
+    for name in MESHES:
+        views = [json.loads((tmp_path / f"{name}.p{i}.json").read_text())
+                 for i in range(PROCESSES)]
+        for i, got in enumerate(views):
+            assert got["processes"] == PROCESSES and got["local_devices"] == LOCAL_DEVICES
+            assert got["devices"] == PROCESSES * LOCAL_DEVICES
+            # each process holds only its own devices' rows of the global batch
+            assert got["rows_per_process"] == got["rows"] // PROCESSES, (name, i)
+            # greedy tokens, gathered to every process, equal one device's
+            assert got["responses"] == ref_responses, (name, i)
+        assert views[1]["losses"] == []          # metrics are written by process 0 only
+        np.testing.assert_allclose(views[0]["losses"], ref_losses, rtol=1e-5, err_msg=name)
+        with np.load(tmp_path / f"{name}.npz", allow_pickle=False) as params:
+            assert sorted(params.files) == sorted(ref_params)
+            for key, value in ref_params.items():
+                np.testing.assert_allclose(params[key], value, atol=1e-5, rtol=0,
+                                           err_msg=f"{name}: {key}")
+    # CHRPO: same rollouts, update losses and parameters as one device
+    from experiments import rl   # noqa: PLC0415
+
+    real = rl.reward_inputs
+    rl.reward_inputs = helpers._parity_rewards
+    try:
+        ref = helpers._run_rl(str(tmp_path / "rl_one"), None)
+    finally:
+        rl.reward_inputs = real
+    views = [json.loads((tmp_path / f"rl.p{i}.json").read_text()) for i in range(PROCESSES)]
+    for i, got in enumerate(views):
+        assert got["rollouts"] == ref["rollouts"] and len(ref["rollouts"]) == 2, i
+        assert got["prompt_shards"] == [4] and got["held_fraction"] < 0.75, i
+    assert [m["step"] for m in views[0]["metrics"]] == [1, 2]
+    for mine, want in zip(views[0]["metrics"], ref["metrics"], strict=True):
+        assert want["advantage_abs_mean"] > 0
+        for key in ("reward_mean", "advantage_abs_mean", "think_tokens", "accuracy"):
+            assert mine[key] == want[key], key
+        for key in ("update/loss", "update/grad_norm", "update/kl"):
+            np.testing.assert_allclose(mine[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    with np.load(tmp_path / "rl.npz", allow_pickle=False) as params:
+        for key, value in ref["params"].items():
+            np.testing.assert_allclose(params[key], value, atol=1e-5, rtol=0, err_msg=key)
+    # only process 0 wrote the metrics file of each run
+    assert (tmp_path / "fsdp8" / "metrics.jsonl").exists()
+
+
+def _worker(out: str, address: str, process_id: int) -> None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from models import sharding   # noqa: PLC0415
+
+    assert sharding.initialize_distributed({"enabled": True, "coordinator_address": address,
+                                            "num_processes": PROCESSES,
+                                            "process_id": process_id})
+    from experiments.datasets import sft_batch   # noqa: PLC0415
+
+    _, examples, _, _, block = _setup()
+    for name, mesh_block in MESHES.items():
+        losses, params, responses = _run(os.path.join(out, name), mesh_block)
+        mesh = sharding.mesh_from_config(mesh_block)
+        batch = sft_batch(examples, step=0, seed=0, batch_tokens=block.batch_tokens,
+                          bucket=block.bucket, max_length=block.max_length)
+        batch = sharding.pad_rows(batch, sharding.batch_ways(mesh))
+        rows = len(batch["tokens"])
+        placed = sharding.shard_batch(batch, mesh, process_local=False)["tokens"]
+        rows_here = {i for s in placed.addressable_shards for i in range(*s.index[0].indices(rows))}
+        view = {"losses": losses, "responses": responses, "processes": jax.process_count(),
+                "devices": jax.device_count(), "local_devices": jax.local_device_count(),
+                "rows": rows, "rows_per_process": len(rows_here)}
+        with open(os.path.join(out, f"{name}.p{process_id}.json"), "w") as f:
+            json.dump(view, f)
+        if process_id == 0:
+            np.savez(os.path.join(out, f"{name}.npz"), **params)
+        sharding.sync_processes(f"{name} written")
+
+    from experiments import rl   # noqa: PLC0415
+
+    helpers = _rl_helpers()
+    rl.reward_inputs = helpers._parity_rewards
+    result = helpers._run_rl(os.path.join(out, "rl_mesh"), helpers.MESH)
+    with open(os.path.join(out, f"rl.p{process_id}.json"), "w") as f:
+        json.dump({k: v for k, v in result.items() if k != "params"}, f)
+    if process_id == 0:
+        np.savez(os.path.join(out, "rl.npz"), **result["params"])
+    sharding.sync_processes("rl written")
+
+
+if __name__ == "__main__":   # one process of the test above
+    _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))
