@@ -47,6 +47,7 @@ def compressor_config(block: ml_collections.ConfigDict, run: rundir.Run, *, name
     cfg.run_dir = run.path(name)
     cfg.data.tokenizer_path = run.tokenizer_path()
     cfg.data.problems_path = run.path("data", "compressor_problems.jsonl")
+    cfg.data.eval_path = run.path("data", "compressor_eval.jsonl")   # same distribution
     if mesh is not None:                # the compressor trains on the pipeline's mesh
         cfg.mesh = ml_collections.ConfigDict(dict(mesh))
     compressor_configs.validate(cfg)

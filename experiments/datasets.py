@@ -173,6 +173,11 @@ def prepare_data(config, run) -> dict:
             rows = _benchmark_rows(d.benchmarks, split, f"{out}/tfds")
         write_jsonl(f"{out}/{split}.jsonl", rows)
         sizes[split] = len(rows)
-    save_problems(f"{out}/compressor_problems.jsonl",
-                  generate_problems(d.seeds.compressor, d.compressor_problems, arith))
+    if main:
+        save_problems(f"{out}/compressor_problems.jsonl",
+                      generate_problems(d.seeds.compressor, d.compressor_problems, arith))
+        # the compressor's held-out problems: the run's task, a stream of their own
+        save_problems(f"{out}/compressor_eval.jsonl",
+                      generate_problems(d.seeds.compressor_eval, config.compressor.data.num_eval,
+                                        arith))
     return {"vocab_size": tokenizer.vocab_size, **{f"n_{k}": v for k, v in sizes.items()}}

@@ -395,7 +395,11 @@ def main(config: ml_collections.ConfigDict) -> dict:
     problems = (load_problems(d.problems_path) if d.problems_path
                 else generate_problems(d.train_seed, d.num_train))
     train_examples = annotate(problems[:d.num_train], tokenizer)
-    eval_examples = annotate(generate_problems(d.eval_seed, d.num_eval), tokenizer)
+    # held-out problems from the training problems' distribution: the pipeline passes its
+    # own (eval_path); generated ones follow data.arithmetic's defaults
+    eval_problems = (load_problems(d.eval_path) if d.eval_path
+                     else generate_problems(d.eval_seed, d.num_eval))
+    eval_examples = annotate(eval_problems[:d.num_eval], tokenizer)
     ids, grades, cut = pack_rows(train_examples, sep_id=sep_id, max_length=config.train.max_length,
                                  keep=config.labels.keep, grading=config.labels.grading)
     log.info("%d training rows (%d cut to %d tokens)", len(ids), cut, config.train.max_length)

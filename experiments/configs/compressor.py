@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.train_seed = 10
     c.data.num_train = 2000
     c.data.eval_seed = 11          # held-out problems (another stream)
+    c.data.eval_path = ""          # JSONL of held-out problems; '' -> generate eval_seed
     c.data.num_eval = 200
 
     # Label policy: the binary keep set used for keep/drop F1 (and for 'binary' training);

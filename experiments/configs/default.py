@@ -2,10 +2,9 @@
 
     python -m experiments.pipeline          # this config (docs/results.md)
 
-11 min 7 s (1,127 CPU-s) on 2 quiet CPU cores before the validation tuning of
-session 3 (mixed / TokenSkip-style SFT 300 -> 450 steps, RL learning rate
-2e-4 -> 5e-5); estimated about 1,250 CPU-s since (docs/results.md, "Tuning on
-the validation split"), to be re-measured.
+11 min 54 s wall (1,239 CPU-s) on 2 quiet CPU cores (docs/results.md, "Time
+per stage"), with mixed / TokenSkip-style SFT of 900 steps and the RL learning
+rate 5e-5 chosen on the validation split.
 
 Sizes and step counts were cut to the 15-minute budget on 2 CPU cores from
 measured CPU time (docs/results.md): a 2-layer, 128-wide decoder (~0.5M

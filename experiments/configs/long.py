@@ -4,10 +4,10 @@
 
 The embedded default (default.py) with the settings of the first full run:
 harder problems (up to 4 operations, start values up to 30), more data and
-about twice the training steps (base SFT 1,500 steps, mixed-ratio and
-TokenSkip-style SFT 500 steps of 4,096 tokens, 20 RL steps). It costs about
-1,600 CPU-seconds, more than the 15-minute budget of the default on 2 cores;
-docs/results.md reports both runs.
+more training (base SFT 1,500 steps, mixed-ratio and TokenSkip-style SFT 500
+steps of 4,096 tokens, more tokens than the default's 900 x 2,048, 20 RL
+steps). It costs about 1,600 CPU-seconds, more than the 15-minute budget of
+the default on 2 cores; docs/results.md reports both runs.
 
 runs/final was made with the RL learning rate of that time, 2e-4; base_config()
 now sets 5e-5 (validation tuning of the default), which this file inherits, so

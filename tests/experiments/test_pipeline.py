@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from data.arithmetic import load_problems
 from data.formats import LEVELS
 from experiments import cli, pipeline, rundir
 
@@ -55,10 +56,12 @@ def test_default_config_is_valid_and_runs_every_stage():
 def test_long_config_keeps_schedules_tied_to_step_counts():
     config = parse(config="experiments/configs/long.py")
     default = parse(config="experiments/configs/default.py")
+    tokens = lambda c, b: c[b].steps * c[b].batch_tokens  # noqa: E731
     for block in ("sft_base", "sft_mixed", "sft_policy", "sft_tokenskip"):
         assert config[block].optim.total_steps == config[block].steps, block
-        assert config[block].steps >= default[block].steps, block
-    assert config.sft_mixed.steps > default.sft_mixed.steps   # the longer run trains longer
+        assert tokens(config, block) >= tokens(default, block), block
+    for block in ("sft_mixed", "sft_tokenskip"):      # the longer run trains on more tokens
+        assert tokens(config, block) > tokens(default, block), block
     assert config.data.arithmetic.max_steps == default.data.arithmetic.max_steps + 1
 
 
@@ -79,6 +82,12 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     for split in ("sft", "rl", "val", "test"):
         assert len(rundir.read_jsonl(run.path("data", f"{split}.jsonl"))) == \
             config.data.sizes[split]
+    # the compressor is evaluated on held-out problems of the run's own task
+    held_out = load_problems(run.path("data", "compressor_eval.jsonl"))
+    assert len(held_out) == config.compressor.data.num_eval
+    assert max(p.difficulty.n_steps for p in held_out) <= config.data.arithmetic.max_steps
+    compressor_config = json.load(open(run.path("compressor", "config.json")))
+    assert compressor_config["data"]["eval_path"] == run.path("data", "compressor_eval.jsonl")
     # compressed data: every kept question at every level, ratio in the level's window
     rows = rundir.read_jsonl(run.path("compress", "formula.jsonl"))
     assert rows and {r["level"] for r in rows} == set(LEVELS)
