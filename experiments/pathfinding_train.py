@@ -186,6 +186,20 @@ def compiled_functions(model_config, *, paired: bool,
     return _COMPILED[key]
 
 
+def batch_indices(seed: int, step: int, *, rows: int, blocks: int, batch_size: int,
+                  first_level_steps: int = 0) -> np.ndarray:
+    """Training rows of step ``step``: ``batch_size`` uniform draws (a pure function of
+    (seed, step), so a resumed run sees the same batches).
+
+    Mixed-level data holds ``blocks`` equal blocks of rows, one per level of
+    ``task.levels``, the first level first. While ``step < first_level_steps`` the
+    rows come from the first block only: a warm-up on the full chain before the
+    mixed levels, as Extra-CoT's mixed-ratio SFT starts from the full-CoT model.
+    """
+    high = rows // blocks if step < first_level_steps else rows
+    return np.random.default_rng((seed, step)).integers(0, high, batch_size)
+
+
 def _train_loop(config, run_dir: str, data: dict, fns: dict, state, probe: dict,
                 roles: np.ndarray, kinds: np.ndarray, *, quiet: bool):
     """Steps from the last checkpoint (if any) to ``train.steps``, with logging,
@@ -194,6 +208,7 @@ def _train_loop(config, run_dir: str, data: dict, fns: dict, state, probe: dict,
     tc = config.train
     step_fn, eval_fn, attn_fn = fns["step"], fns["evaluate"], fns["attention"]
     train, n_train = data["train"], len(data["train"]["tokens"])
+    blocks = max(len(config.task.levels), 1)
     train_eval = _rows(train, np.arange(min(tc.eval_train_size, n_train)))
     jnp_batch = lambda idx: {k: jnp.asarray(v) for k, v in _rows(train, idx).items()}  # noqa
     with CheckpointManager(os.path.join(run_dir, "checkpoints"), max_to_keep=1,
@@ -206,8 +221,9 @@ def _train_loop(config, run_dir: str, data: dict, fns: dict, state, probe: dict,
         with MetricWriter(run_dir, resume_step=start, tensorboard=tc.tensorboard) as writer, \
                 Progress(tc.steps, initial=start, desc=config.name, quiet=quiet) as bar:
             for step in range(start, tc.steps):
-                idx = np.random.default_rng((config.seed, step)).integers(0, n_train,
-                                                                          tc.batch_size)
+                idx = batch_indices(config.seed, step, rows=n_train, blocks=blocks,
+                                    batch_size=tc.batch_size,
+                                    first_level_steps=tc.first_level_steps)
                 state, metrics = step_fn(state, jnp_batch(idx))
                 done, record = step + 1, {}
                 if done % tc.log_every == 0 or done == tc.steps:

@@ -321,12 +321,32 @@ def test_every_exercise_config_parses_into_valid_runs(arg):
         assert run.train.optim.total_steps == run.train.steps
 
 
+def test_warm_up_draws_the_first_level_only_then_every_row():
+    from experiments.pathfinding_train import batch_indices   # noqa: PLC0415
+
+    warm = [batch_indices(0, s, rows=300, blocks=3, batch_size=64, first_level_steps=5)
+            for s in range(10)]
+    assert all(idx.max() < 100 for idx in warm[:5])        # level-1 block: rows 0-99
+    assert max(idx.max() for idx in warm[5:]) >= 100        # then all three blocks
+    # without a warm-up the draws are those of the plain sampler, step by step
+    for s in range(10):
+        np.testing.assert_array_equal(
+            batch_indices(0, s, rows=300, blocks=3, batch_size=64),
+            np.random.default_rng((0, s)).integers(0, 300, 64))
+    np.testing.assert_array_equal(warm[7], batch_indices(0, 7, rows=300, blocks=3,
+                                                         batch_size=64))
+
+
 def test_compression_configs_default_small_full_with_four_layers():
     runs = {a: {r.name: r for r in PF.run_configs(cli.parse([f"--config={CONFIG}:{a}"]))}
             for a in ("compression", "compression_full", "depth4")}
     small, full = runs["compression"], runs["compression_full"]
-    assert sorted(small) == ["l1", "l2"] and sorted(full) == ["l1", "l2", "l4"]
+    assert sorted(small) == sorted(full) == ["l1", "l2", "l4"]
     assert all(r.task.levels == (1, 2) and r.train.steps == 1000 for r in small.values())
+    # only the default's 4-layer run warms up on the full chain (docs/trees.md)
+    assert {n: r.train.first_level_steps for n, r in small.items()} == {"l1": 0, "l2": 0,
+                                                                        "l4": 300}
+    assert all(r.train.first_level_steps == 0 for r in full.values())
     assert all(r.task.levels == (1, 2, 3, 4) and r.train.steps == 2000 for r in full.values())
     assert [full[n].model.layers for n in ("l1", "l2", "l4")] == [1, 2, 4]
     assert full["l1"].train.optim.learning_rate == 1e-2
@@ -348,6 +368,8 @@ def test_config_errors_name_the_key():
         PF.run_configs(config)
     with pytest.raises(ValueError, match="config arg"):
         cli.parse([f"--config={CONFIG}:ex9"])
+    with pytest.raises(cli.ConfigError, match="train.first_level_steps"):
+        cli.parse([f"--config={CONFIG}:compression", "--config.train.first_level_steps=1001"])
 
 
 # ----------------------------------------------------------------- end to end
