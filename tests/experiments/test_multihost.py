@@ -100,7 +100,9 @@ def test_two_processes_equal_one_device(tmp_path):
     helpers._make_run(str(tmp_path / "rl_one"))
     shutil.copytree(tmp_path / "rl_one", tmp_path / "rl_mesh")
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"}
+           # LLVM -O0, as in test_rl_mesh.py: compiling, not running, dominates here
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES} "
+                        "--xla_backend_optimization_level=0"}
     workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(tmp_path),
                                  address, str(i)], env=env, cwd=repo, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

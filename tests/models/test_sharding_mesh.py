@@ -177,6 +177,25 @@ def _measure(ckpt_dir: str) -> dict:
         heads = jax.jit(lambda x: sh.constrain(x + 1, ("batch", "length", "heads")))(
             jnp.zeros((8, 4, 16)))
     out["constrain_spec"] = str(heads.sharding.spec)
+    # The sampler's KV cache on 2x2x2: per-device bytes of the compiled generate
+    # (temporaries + outputs, compiled only) against the cache's global size.
+    from models.sampling import _generate
+    kv_cfg = preset("tiny", vocab_size=128, num_heads=16, num_kv_heads=8, head_dim=16,
+                    intermediate_size=128, num_layers=2)
+    kv_b, kv_p, kv_n = 16, 32, 480
+    kv_graphdef, kv_state = nnx.split(Qwen3(kv_cfg, rngs=nnx.Rngs(0)))
+    kv_args = dict(max_new_tokens=kv_n, n_samples=1, temperature=0.0, top_k=0, top_p=1.0,
+                   stop_ids=(), pad_id=0, segments=1)
+    kv = {"cache_bytes": 2 * kv_cfg.num_layers * kv_b * kv_cfg.num_kv_heads
+          * kv_cfg.head_dim * (kv_p + kv_n) * 4}
+    for label, mesh in (("single", single), ("mixed", mixed)):
+        state = sh.put_global(kv_state, sh.state_shardings(kv_state, mesh))
+        ids, kv_mask = sh.shard_batch((np.ones((kv_b, kv_p), np.int32),
+                                       np.ones((kv_b, kv_p), bool)), mesh)
+        memory = _generate.lower(kv_graphdef, state, ids, kv_mask, jax.random.key(0),
+                                 **kv_args).compile().memory_analysis()
+        kv[label] = int(memory.temp_size_in_bytes + memory.output_size_in_bytes)
+    out["kv_cache"] = kv
     end = os.times()
     out["cpu_seconds"] = (end.user - t_start.user) + (end.system - t_start.system)
     out["wall_seconds"] = end.elapsed - t_start.elapsed
@@ -236,6 +255,16 @@ def test_memory_estimate_within_ten_percent(measured, name):
 @pytest.mark.slow
 def test_constrain_applies_the_rules_under_a_mesh(measured):
     assert measured["constrain_spec"] == "P(('data', 'fsdp'), None, 'tensor')"
+
+
+@pytest.mark.slow
+def test_kv_cache_is_split_over_batch_and_kv_heads(measured):
+    """On data 2 x fsdp 2 x tensor 2 the cache [B, K, D, S] of 16 rows and 8 kv heads
+    splits 4 ways by rows and 2 by kv heads: one device holds 1/8 of it (plus the
+    small temporaries of the loop); replicated, a device would hold all of it."""
+    kv = measured["kv_cache"]
+    assert kv["single"] >= kv["cache_bytes"]
+    assert kv["cache_bytes"] / 8 <= kv["mixed"] < kv["cache_bytes"] / 4, kv
 
 
 @pytest.mark.slow
