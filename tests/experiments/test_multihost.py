@@ -26,44 +26,38 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data.arithmetic import ArithmeticConfig, generate_problems, tokenizer_corpus
-from data.formats import build_prompt, build_sft_example
-from data.tokenizers import train_sentencepiece
-from experiments.configs.pipeline_blocks import sft_block
+from data.arithmetic import generate_problems
+from data.formats import build_prompt
 from experiments.metrics import read_metrics
-from models.qwen3 import Qwen3, Qwen3Config
 
-ARITH = ArithmeticConfig(max_steps=2)
 MESHES = {"fsdp8": {"data": 1, "fsdp": 8, "tensor": 1},
           "mixed": {"data": 2, "fsdp": 2, "tensor": 2}}
-STEPS = 3
 PROCESSES, LOCAL_DEVICES = 2, 4
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _rl_helpers():
-    """tests/experiments/test_rl_mesh.py as a module (its run set-up and judge)."""
-    spec = importlib.util.spec_from_file_location("_rl_mesh_helpers",
-                                                  os.path.join(HERE, "test_rl_mesh.py"))
+def _sibling(name: str):
+    """Another test file of this folder as a module (its set-up helpers)."""
+    spec = importlib.util.spec_from_file_location(f"_{name}_helpers",
+                                                  os.path.join(HERE, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def _rl_helpers():
+    """tests/experiments/test_rl_mesh.py: its RL run set-up and stand-in judge."""
+    return _sibling("test_rl_mesh")
+
+
 def _setup():
-    tok = train_sentencepiece(tokenizer_corpus(generate_problems(0, 120, ARITH)), vocab_size=400)
-    problems = generate_problems(5, 24, ARITH)
-    examples = [build_sft_example(tok, p.question, tok.encode(p.cot), p.answer_text)
-                for p in problems]
-    config = Qwen3Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                         num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
-                         max_position_embeddings=1024)
-    block = sft_block(init="scratch", steps=STEPS, learning_rate=1e-3, batch_tokens=1024,
-                      bucket=256, max_length=256)
-    block.log_every = 1
-    block.optim.eps = 1e-4   # as in tests/experiments/test_sft_mesh.py
-    prompts = [build_prompt(tok, p.question, control=None) for p in problems[:7]]
-    return tok, examples, prompts, Qwen3(config, rngs=nnx.Rngs(0)), block
+    """The SFT set-up of tests/experiments/test_sft_mesh.py, plus 7 prompts to sample."""
+    helpers = _sibling("test_sft_mesh")
+    examples, model, block = helpers._setup()
+    tok = helpers._tokenizer()
+    prompts = [build_prompt(tok, p.question, control=None)
+               for p in generate_problems(5, 7, helpers.ARITH)]
+    return tok, examples, prompts, model, block
 
 
 def _run(stage_dir, mesh_block):
@@ -115,7 +109,7 @@ def test_two_processes_equal_one_device(tmp_path):
     for i, (w, log) in enumerate(zip(workers, logs)):
         assert w.returncode == 0, f"process {i}:\n{log[-3000:]}"
     ref_losses, ref_params, ref_responses = _run(str(tmp_path / "one"), None)
-    assert len(ref_losses) == STEPS and ref_losses[-1] < ref_losses[0]
+    assert len(ref_losses) == _sibling("test_sft_mesh").STEPS and ref_losses[-1] < ref_losses[0]
     for name in MESHES:
         views = [json.loads((tmp_path / f"{name}.p{i}.json").read_text())
                  for i in range(PROCESSES)]

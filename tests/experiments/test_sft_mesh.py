@@ -31,8 +31,12 @@ MESHES = {"fsdp8": {"data": 1, "fsdp": 8, "tensor": 1},
 STEPS = 3
 
 
+def _tokenizer():
+    return train_sentencepiece(tokenizer_corpus(generate_problems(0, 120, ARITH)), vocab_size=400)
+
+
 def _setup():
-    tok = train_sentencepiece(tokenizer_corpus(generate_problems(0, 120, ARITH)), vocab_size=400)
+    tok = _tokenizer()
     examples = [build_sft_example(tok, p.question, tok.encode(p.cot), p.answer_text)
                 for p in generate_problems(5, 24, ARITH)]
     config = Qwen3Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
