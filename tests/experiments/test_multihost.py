@@ -8,7 +8,9 @@ process builds the same global batch and places its own devices' rows) and
 greedy ``experiments.rollouts.generate_responses`` (outputs gathered to every
 process with ``sharding.to_host``), and two CHRPO steps of ``experiments.rl.rl``
 (the set-up and stand-in judge of tests/experiments/test_rl_mesh.py) on a
-data 2 x fsdp 2 x tensor 2 mesh over both processes. Each process writes what
+data 2 x fsdp 2 x tensor 2 mesh over both processes, and a benchmark read per
+host through grain (``ShardByJaxProcess``), assembled into one global batch by
+``sharding.shard_batch``. Each process writes what
 it saw; the pytest process makes the single-device references with the same
 code. This is the multi-host code path of docs/scaling.md, run for real, on
 one machine.
@@ -34,6 +36,7 @@ MESHES = {"fsdp8": {"data": 1, "fsdp": 8, "tensor": 1},
           "mixed": {"data": 2, "fsdp": 2, "tensor": 2}}
 PROCESSES, LOCAL_DEVICES = 2, 4
 HERE = os.path.dirname(os.path.abspath(__file__))
+GSM8K = os.path.join(os.path.dirname(HERE), "data", "fixtures", "gsm8k_test.jsonl")  # 4 records
 
 
 def _sibling(name: str):
@@ -93,6 +96,10 @@ def test_two_processes_equal_one_device(tmp_path):
     helpers = _rl_helpers()
     helpers._make_run(str(tmp_path / "rl_one"))
     shutil.copytree(tmp_path / "rl_one", tmp_path / "rl_mesh")
+    from data import benchmarks   # noqa: PLC0415 (tfds: only here)
+
+    benchmarks.build_benchmark("gsm8k", jsonl_path=GSM8K, data_dir=tmp_path / "tfds",
+                               split="test")
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            # LLVM -O0, as in test_rl_mesh.py: compiling, not running, dominates here
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES} "
@@ -150,6 +157,11 @@ def test_two_processes_equal_one_device(tmp_path):
     with np.load(tmp_path / "rl.npz", allow_pickle=False) as params:
         for key, value in ref["params"].items():
             np.testing.assert_allclose(params[key], value, atol=1e-5, rtol=0, err_msg=key)
+    # grain on two hosts: each reads its own records, shard_batch assembles the global batch
+    views = [json.loads((tmp_path / f"grain.p{i}.json").read_text()) for i in range(PROCESSES)]
+    local = [v["local"] for v in views]
+    assert sorted(local[0] + local[1]) == [0, 1, 2, 3] and len(local[0]) == len(local[1]) == 2
+    assert all(v["global"] == local[0] + local[1] for v in views)
     # only process 0 wrote the metrics file of each run
     assert (tmp_path / "fsdp8" / "metrics.jsonl").exists()
 
@@ -181,6 +193,22 @@ def _worker(out: str, address: str, process_id: int) -> None:
         if process_id == 0:
             np.savez(os.path.join(out, f"{name}.npz"), **params)
         sharding.sync_processes(f"{name} written")
+
+    # each host reads its own slice of a benchmark through grain (ShardByJaxProcess) and
+    # shard_batch (process_local=True) assembles the global batch from the hosts' rows:
+    # on data 2 x tensor 4, process i's devices hold rows [2 i, 2 i + 2)
+    import grain   # noqa: PLC0415
+
+    from data.benchmarks import benchmark_loader   # noqa: PLC0415
+
+    records = benchmark_loader("gsm8k", data_dir=os.path.join(out, "tfds"), split="test",
+                               shard_options=grain.sharding.ShardByJaxProcess())
+    local = [int(r["id"].rsplit("/", 1)[1]) for r in records]
+    mesh = sharding.mesh_from_config({"data": 2, "fsdp": 1, "tensor": 4})
+    placed = sharding.shard_batch({"ids": np.asarray(local, np.int32)[:, None]}, mesh)
+    with open(os.path.join(out, f"grain.p{process_id}.json"), "w") as f:
+        json.dump({"local": local,
+                   "global": sharding.to_host(placed["ids"])[:, 0].tolist()}, f)
 
     from experiments import rl   # noqa: PLC0415
 
