@@ -42,8 +42,8 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["MESH_AXES", "DEFAULT_RULES", "resolve_mesh_shape", "make_mesh", "mesh_from_config",
-           "logical_to_spec", "state_shardings", "replicated", "put_global", "place_state", "jit_train_step",
-           "batch_ways", "pad_rows", "batch_shardings", "shard_batch", "to_host",
+           "logical_to_spec", "state_shardings", "replicated", "put_global", "place_state",
+           "jit_train_step", "batch_ways", "pad_rows", "batch_shardings", "shard_batch", "to_host",
            "constrain", "activate", "initialize_distributed", "is_main_process",
            "sync_processes"]
 
@@ -349,8 +349,8 @@ def to_host(x: Any) -> Any:
     """The whole value of every jax.Array of ``x`` as numpy, on every process.
 
     One process: ``np.asarray``. Several processes: an array that is not fully
-    addressable (sharded over other hosts' devices) is gathered (``multihost_utils.process_allgather``, a
-    collective: every process must call it).
+    addressable (sharded over other hosts' devices) is gathered
+    (``multihost_utils.process_allgather``, a collective: every process must call it).
     """
     return jax.tree.map(np.asarray if jax.process_count() == 1 else _global_value, x)
 
