@@ -28,7 +28,7 @@ import tempfile
 import time
 
 from benchmarks import harness as h
-from benchmarks.train_step import SHAPES
+from benchmarks.train_step import worker_spec
 
 
 def parse_trees(text: str) -> dict[str, str]:
@@ -78,12 +78,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     trees = parse_trees(args.trees)
-    import dataclasses  # noqa: PLC0415
-
-    import chrpo  # noqa: PLC0415
     from benchmarks.jax_side import write_weights  # noqa: PLC0415
-    torch_loss = {k: v for k, v in dataclasses.asdict(chrpo.get_preset("chrpo").loss).items()
-                  if k in ("eps_low", "eps_high", "dual_clip", "kl_coef", "control_weight")}
+
     sides = [(name, path, "jax") for name, path in trees.items()]
     if args.torch:
         sides.append(("torch", h.REPO, "torch"))
@@ -92,8 +88,8 @@ def main(argv=None) -> list[dict]:
         for size in [s for s in args.sizes.split(",") if s]:
             weights = write_weights(size, os.path.join(tmp, size))
             for kind in [k for k in args.kinds.split(",") if k]:
-                spec = dict(size=size, kind=kind, weights=weights, repeats=args.repeats,
-                            warmup=args.warmup, torch_loss=torch_loss, **SHAPES[size][kind])
+                spec = worker_spec(size, kind, weights, repeats=args.repeats,
+                                   warmup=args.warmup)
                 rounds = []
                 for r in range(args.rounds):
                     order = sides if r % 2 == 0 else sides[::-1]

@@ -26,23 +26,13 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import tempfile
 import time
 
 from benchmarks import harness as h
 from benchmarks import hlo_profile
-from benchmarks.train_step import SHAPES, make_batch, tokens_per_step
-
-
-def _spec(size: str, kind: str, weights: str) -> dict:
-    import dataclasses  # noqa: PLC0415
-
-    import chrpo  # noqa: PLC0415
-    loss = {k: v for k, v in dataclasses.asdict(chrpo.get_preset("chrpo").loss).items()
-            if k in ("eps_low", "eps_high", "dual_clip", "kl_coef", "control_weight")}
-    return dict(size=size, kind=kind, weights=weights, torch_loss=loss, **SHAPES[size][kind])
+from benchmarks.train_step import SHAPES, make_batch, tokens_per_step, worker_spec
 
 
 def profile_jax(spec: dict, *, steps: int, trace_dir: str) -> dict:
@@ -144,7 +134,8 @@ def main(argv=None) -> dict:
     from benchmarks.jax_side import write_weights  # noqa: PLC0415
     load = h.load_average()
     with tempfile.TemporaryDirectory() as tmp:
-        spec = _spec(args.size, args.kind, write_weights(args.size, os.path.join(tmp, "w")))
+        spec = worker_spec(args.size, args.kind,
+                           write_weights(args.size, os.path.join(tmp, "w")))
         if args.side == "jax":
             result = profile_jax(spec, steps=args.steps,
                                  trace_dir=args.trace_dir or os.path.join(tmp, "trace"))

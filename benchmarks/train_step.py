@@ -43,6 +43,19 @@ SHAPES = {
 }
 
 
+def worker_spec(size: str, kind: str, weights: str, **extra) -> dict:
+    """The worker spec of one case: shapes of ``SHAPES[size][kind]``, the weights
+    file, and the 'chrpo' preset's loss settings that the torch side re-implements
+    (``extra``: repeats, warmup, ...). Shared by this benchmark, ab_step and
+    profile_step."""
+    import chrpo  # noqa: PLC0415
+
+    loss = {k: v for k, v in dataclasses.asdict(chrpo.get_preset("chrpo").loss).items()
+            if k in ("eps_low", "eps_high", "dual_clip", "kl_coef", "control_weight")}
+    return dict(size=size, kind=kind, weights=weights, torch_loss=loss, **extra,
+                **SHAPES[size][kind])
+
+
 def tokens_per_step(spec: dict) -> int:
     """Tokens one step processes: B * T (sft) or B * (P + C) (chrpo)."""
     if spec["kind"] == "sft":
@@ -203,19 +216,15 @@ def main(argv=None) -> list[dict]:
     kinds = [k for k in args.kinds.split(",") if k]
     if not kinds or set(kinds) - set(KINDS):
         parser.error(f"--kinds: valid are {KINDS}, got {args.kinds!r}")
-    import chrpo  # noqa: PLC0415
-
     from benchmarks.jax_side import write_weights  # noqa: PLC0415
 
-    torch_loss = {k: v for k, v in dataclasses.asdict(chrpo.get_preset("chrpo").loss).items()
-                  if k in ("eps_low", "eps_high", "dual_clip", "kl_coef", "control_weight")}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             weights = write_weights(size, os.path.join(tmp, size))
             for kind in kinds:
-                spec = dict(size=size, kind=kind, weights=weights, repeats=args.repeats,
-                            warmup=args.warmup, torch_loss=torch_loss, **SHAPES[size][kind])
+                spec = worker_spec(size, kind, weights, repeats=args.repeats,
+                                   warmup=args.warmup)
                 specs = {"jax": spec} if args.no_reference else {"jax": spec, "torch": spec}
                 h.log(f"train_step {size} {kind}: {args.rounds} round(s)")
                 rounds = h.alternate(MODULE, specs, rounds=args.rounds, timeout=args.timeout,
