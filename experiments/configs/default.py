@@ -2,9 +2,9 @@
 
     python -m experiments.pipeline          # this config (docs/results.md)
 
-11 min 54 s wall (1,239 CPU-s) on 2 quiet CPU cores (docs/results.md, "Time
-per stage"), with mixed / TokenSkip-style SFT of 900 steps and the RL learning
-rate 5e-5 chosen on the validation split.
+13 min 16 s wall (1,382 CPU-s) on 2 quiet CPU cores (docs/results.md, "Time
+per stage"), with mixed / TokenSkip-style SFT of 1,200 steps, the RL learning
+rate 5e-5 and the level-bonus width 0.4 chosen on the validation split.
 
 Sizes and step counts were cut to the 15-minute budget on 2 CPU cores from
 measured CPU time (docs/results.md): a 2-layer, 128-wide decoder (~0.5M
