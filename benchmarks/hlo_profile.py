@@ -13,7 +13,11 @@ resolves, through the text's ``FileNames``/``FunctionNames``/``FileLocations``/
 
 Durations are summed over every thread (thunks run concurrently on XLA's
 intra-op threads), so they are thread-seconds, not wall seconds; shares are
-of the summed total. Pure functions over text and parsed JSON, no JAX import.
+of the summed total. Control-flow instructions (``while``, ``conditional``,
+``call``) are left out of the total: their events span the events of the
+instructions they run (a decode loop's ``while`` event holds every step), so
+counting them would count that time twice; their own time is reported apart
+as ``control_ms``. Pure functions over text and parsed JSON, no JAX import.
 """
 from __future__ import annotations
 
@@ -126,6 +130,9 @@ def op_durations(events: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, flo
 
 # (function name of a frame, region); the innermost matching frame decides.
 _REGIONS = (
+    ("_pick", "sampling: pick the next token"),
+    ("_generate.<locals>.body", "decode loop: token bookkeeping"),
+    ("_grow", "decode loop: cache growth"),
     ("token_logprobs", "cross-entropy (log-softmax over V)"),
     ("next_token_logprobs", "cross-entropy (log-softmax over V)"),
     ("masked_lm_loss", "cross-entropy (log-softmax over V)"),
@@ -207,21 +214,29 @@ def attention_line_names(source: str) -> dict[int, str]:
     return names
 
 
+CONTROL_FLOW = ("while", "conditional", "call")
+
+
 def breakdown(hlo_text: str, events: Iterable[Mapping[str, Any]], *, qwen3_source: str = "",
               steps: int = 1) -> dict[str, Any]:
     """Per-instruction, per-region and per-kind time of the traced program, per step.
 
-    Returns {'total_ms', 'ops': [{name, ms, count, region, dir, kind, shape}], 'by_region',
-    'by_kind', 'by_dir', 'by_region_kind'} with milliseconds per step (sum / steps).
+    Returns {'total_ms', 'control_ms', 'ops': [{name, ms, count, region, dir, kind, shape}],
+    'by_region', 'by_kind', 'by_dir', 'by_region_kind'} with milliseconds per step
+    (sum / steps); ``control_ms`` is the (enclosing, not added) time of the
+    ``CONTROL_FLOW`` instructions.
     """
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
     stacks = parse_stack_tables(hlo_text)
     instrs = parse_instructions(hlo_text)
     attention_lines = attention_line_names(qwen3_source)
-    ops = []
+    ops, control_us = [], 0.0
     for name, d in op_durations(events).items():
         info = instrs.get(name, {})
+        if info.get("opcode") in CONTROL_FLOW:
+            control_us += d["us"]
+            continue
         stack = stacks.get(info.get("frame"), [])
         ops.append({"name": name, "ms": d["us"] / 1e3 / steps, "count": d["count"] / steps,
                     "region": region_of(stack, attention_lines) if info else "unknown",
@@ -235,7 +250,8 @@ def breakdown(hlo_text: str, events: Iterable[Mapping[str, Any]], *, qwen3_sourc
             acc[" | ".join(o[k] for k in keys)] += o["ms"]
         return dict(sorted(acc.items(), key=lambda kv: -kv[1]))
 
-    return {"total_ms": sum(o["ms"] for o in ops), "ops": ops, "by_region": group("region"),
+    return {"total_ms": sum(o["ms"] for o in ops), "control_ms": control_us / 1e3 / steps,
+            "ops": ops, "by_region": group("region"),
             "by_kind": group("kind"), "by_dir": group("dir"),
             "by_region_kind": group("region", "kind"),
             "by_region_dir_kind": group("region", "dir", "kind")}

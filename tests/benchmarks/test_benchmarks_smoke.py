@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from benchmarks import generation, gpu, harness, rl_step, train_step
+from benchmarks import generation, gpu, harness, jax_side, kernels, rl_step, train_step
 from models.qwen3 import Qwen3, preset
 
 FAST = ["--sizes=micro", "--no-reference", "--in-process", "--rounds=1", "--repeats=1",
@@ -41,6 +41,36 @@ def test_generation_runs_n_samples_per_prompt():
     for r in rows:   # the worker itself raises if generate stopped before max_new_tokens
         assert r["jax"]["prefill"] > 0 and r["jax"]["end_to_end"] > 0
         assert r["jax"]["compiled_memory"]["output"] > 0
+
+
+def test_kernel_cases_compute_the_same_values_in_jax_and_numpy():
+    # torch runs the same expression through the same array-module calls
+    import jax.numpy as jnp
+    for case in kernels.CASES:
+        args = kernels.inputs(case)
+        want = kernels.expression(np, case)(*args)
+        got = jax.jit(kernels.expression(jnp, case))(*args)
+        assert got.shape == want.shape, case
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-3, err_msg=case)
+    probs = jax.jit(kernels.expression(jnp, "softmax"))(*kernels.inputs("softmax"))
+    np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown case"):
+        kernels.inputs("conv")
+
+
+def test_kernels_driver_times_the_chosen_cases():
+    rows = kernels.main(["--no-reference", "--in-process", "--rounds=1", "--repeats=1",
+                         "--warmup=0", "--cases=exp,decode attention"])
+    assert [r["case"] for r in rows] == ["exp", "decode attention"]
+    assert all(r["jax_us"] > 0 and "ratio" not in r for r in rows)
+    with pytest.raises(SystemExit):
+        kernels.main(["--no-reference", "--in-process", "--cases=conv"])
+    # the ceiling: GEMM rate / model FLOPs per token
+    (c,) = kernels.ceilings([{"case": "matmul x@w", "jax_us": 1e6}])
+    gemm = 2.0 * 1024 * 512 * 1536
+    assert c["gflops"] == pytest.approx(gemm / 1e9)
+    small = gpu.flops_per_token(jax_side.model_config("small"), 256)
+    assert c["sft_ceiling_tokens_per_s"]["small"] == pytest.approx(gemm / small)
 
 
 def test_rl_step_reports_every_phase():

@@ -58,7 +58,8 @@ ENTRY %main (a: f32[8,4], b: f32[4,6]) -> f32[8,6] {
   %ynn_fusion = f32[8,6]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(step)/transpose(jvp())/dot_general" stack_frame_id=2}
   %exp_fusion = f32[8,6]{1,0} fusion(%ynn_fusion), kind=kLoop, calls=%fused_exp, metadata={op_name="jit(step)/jvp()/exp" stack_frame_id=3}
   %copy.1 = f32[8,6]{1,0} copy(%exp_fusion)
-  ROOT %adam = f32[8,6]{1,0} add(%copy.1, %copy.1), metadata={op_name="jit(step)/add" stack_frame_id=4}
+  %adam = f32[8,6]{1,0} add(%copy.1, %copy.1), metadata={op_name="jit(step)/add" stack_frame_id=4}
+  ROOT %while.3 = f32[8,6]{1,0} while(%adam), condition=%cond, body=%body
 }
 """
 
@@ -87,9 +88,12 @@ def test_instructions_know_their_matmuls_and_metadata():
 def test_breakdown_sums_events_per_region_kind_and_step():
     events = [_event("ynn_fusion", 3000), _event("ynn_fusion", 1000, tid=2),
               _event("exp_fusion", 2000), _event("copy.1", 500), _event("adam", 1500),
-              {"ph": "X", "tid": 1, "ts": 0, "dur": 9e6, "name": "ThunkExecutor::Execute"}]
+              {"ph": "X", "tid": 1, "ts": 0, "dur": 9e6, "name": "ThunkExecutor::Execute"},
+              _event("while.3", 7000)]              # encloses the others: not added
     b = hp.breakdown(HLO, events, steps=2)
     assert b["total_ms"] == pytest.approx(4.0)             # 8000 us over 2 steps
+    assert b["control_ms"] == pytest.approx(3.5)
+    assert "while.3" not in [o["name"] for o in b["ops"]]
     assert b["by_region"] == pytest.approx({
         "MLP (SwiGLU)": 2.0,                              # _rows_matmul defers to its caller
         "cross-entropy (log-softmax over V)": 1.0,
@@ -125,6 +129,18 @@ def test_profile_of_the_compiled_micro_step_names_its_matmuls(tmp_path):
     assert out["by_kind"].get("matmul", 0) > 0
     assert "MLP (SwiGLU)" in out["by_region"] and "LM head matmul" in out["by_region"]
     assert (tmp_path / "step.hlo.txt").exists()
+
+
+def test_profile_of_the_micro_decode_leaves_its_loops_out_of_the_total(tmp_path):
+    out = profile_step.main(["--side=jax", "--size=micro", "--kind=decode", "--batch=2",
+                             "--steps=1", f"--trace-dir={tmp_path}"])
+    assert out["tokens"] == 2 and out["new_tokens"] == 8
+    assert out["control_ms"] > 0                   # the decode loop's while event(s)
+    assert not [o for o in out["ops"] if o["name"].startswith("while")]
+    assert {"LM head matmul", "attention softmax + mask", "sampling: pick the next token",
+            "decode loop: token bookkeeping"} <= set(out["by_region"])
+    with pytest.raises(SystemExit):
+        profile_step.main(["--side=torch", "--size=micro", "--kind=decode"])
 
 
 def test_ab_step_trees_need_a_model_and_a_name(tmp_path):
