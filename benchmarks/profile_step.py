@@ -43,6 +43,21 @@ from benchmarks import hlo_profile
 from benchmarks.train_step import SHAPES, make_batch, tokens_per_step, worker_spec
 
 
+def _traced_calls(call, *, steps: int, trace_dir: str) -> float:
+    """One untimed ``call()`` (warm-up), then ``steps`` calls under ``jax.profiler``
+    writing to ``trace_dir``; their mean wall seconds."""
+    import jax  # noqa: PLC0415
+
+    h.timed(call, repeats=1, warmup=1)
+    jax.profiler.start_trace(trace_dir)
+    start = time.perf_counter()
+    for _ in range(steps):
+        call()
+    wall = (time.perf_counter() - start) / steps
+    jax.profiler.stop_trace()
+    return wall
+
+
 def profile_jax(spec: dict, *, steps: int, trace_dir: str) -> dict:
     """Trace ``steps`` compiled steps; the hlo_profile breakdown plus wall time per step."""
     import jax  # noqa: PLC0415
@@ -62,13 +77,7 @@ def profile_jax(spec: dict, *, steps: int, trace_dir: str) -> dict:
         holder["state"], metrics = built["step"](holder["state"], batch)
         jax.block_until_ready(metrics)
 
-    h.timed(call, repeats=1, warmup=1)
-    jax.profiler.start_trace(trace_dir)
-    start = time.perf_counter()
-    for _ in range(steps):
-        call()
-    wall = (time.perf_counter() - start) / steps
-    jax.profiler.stop_trace()
+    wall = _traced_calls(call, steps=steps, trace_dir=trace_dir)
     out = _trace_breakdown(trace_dir, built["step"].as_text(), steps=steps)
     out["wall_ms_per_step"] = wall * 1e3
     return out
@@ -110,13 +119,7 @@ def profile_decode(size: str, weights: str, *, batch: int, steps: int, trace_dir
     def call():
         jax.block_until_ready(sampling.generate(graphdef, state, ids, mask, **kw))
 
-    h.timed(call, repeats=1, warmup=1)
-    jax.profiler.start_trace(trace_dir)
-    start = time.perf_counter()
-    for _ in range(steps):
-        call()
-    wall = (time.perf_counter() - start) / steps
-    jax.profiler.stop_trace()
+    wall = _traced_calls(call, steps=steps, trace_dir=trace_dir)
     hlo = sampling._generate.lower(
         graphdef, state, jax.numpy.asarray(ids), jax.numpy.asarray(mask), kw["key"],
         max_new_tokens=new, n_samples=1, temperature=0.0, top_k=0, top_p=1.0, stop_ids=(),
