@@ -176,7 +176,7 @@ def report(rows: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
     parser = h.base_parser(__doc__.splitlines()[0])
-    parser.set_defaults(repeats=20, sizes="tiny")
+    parser.set_defaults(repeats=20, sizes="tiny")   # --sizes is unused: the shapes are fixed
     parser.add_argument("--cases", default=",".join(CASES),
                         help="comma-separated cases (default: all)")
     args, _ = h.parse_common(parser, argv)
