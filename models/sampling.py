@@ -248,21 +248,23 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, max_new_tokens, 
     return GenerateOutput(tokens=tokens, lengths=lengths, logprobs=logprobs, steps=step)
 
 
-def _local_rows(x) -> list[tuple[int, np.ndarray]]:
-    """(first row, values) of the rows of ``x`` this process holds: all of them, or,
-    for an array sharded over several hosts, each addressable shard's (a host can
-    check only its own rows)."""
+def _bad_rows(x, is_bad) -> list[int]:
+    """Sorted global indices of the rows of ``x`` for which ``is_bad(rows) -> bool [n]``
+    holds, over the rows this process holds: all of them, or, for an array sharded
+    over several hosts, each addressable shard's (a host can check only its own rows)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return [(s.index[0].start or 0, np.asarray(s.data)) for s in x.addressable_shards]
-    return [(0, np.asarray(x))]
+        parts = [(s.index[0].start or 0, np.asarray(s.data)) for s in x.addressable_shards]
+    else:
+        parts = [(0, np.asarray(x))]
+    return sorted({start + int(r) for start, rows in parts
+                   for r in np.flatnonzero(is_bad(rows.astype(bool)))})
 
 
 def _check_prompt(ids, mask, name: str) -> None:
     chex.assert_rank(ids, 2)
     chex.assert_equal_shape([ids, mask])
     if not isinstance(mask, jax.core.Tracer):
-        empty = sorted({start + int(r) for start, rows in _local_rows(mask)
-                        for r in np.flatnonzero(rows.astype(bool).sum(axis=1) == 0)})
+        empty = _bad_rows(mask, lambda m: ~m.any(axis=1))
         if empty:
             raise ValueError(f"{name}: rows {empty} have no real token")
 
@@ -352,9 +354,7 @@ def score(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: jax.Array,
     _check_prompt(prompt_ids, prompt_mask, "prompt_mask")
     chex.assert_equal_shape([completion_ids, completion_mask])
     if not isinstance(completion_mask, jax.core.Tracer):
-        holes = sorted({start + int(r) for start, m in _local_rows(completion_mask)
-                        for r in np.flatnonzero((m.astype(bool)[:, 1:]
-                                                 & ~m.astype(bool)[:, :-1]).any(axis=1))})
+        holes = _bad_rows(completion_mask, lambda m: (m[:, 1:] & ~m[:, :-1]).any(axis=1))
         if holes:
             raise ValueError(f"completion_mask rows {holes} are not a prefix of ones")
     return _score(graphdef, state, prompt_ids, prompt_mask, completion_ids, completion_mask)

@@ -163,6 +163,11 @@ def test_argument_errors_name_the_value(qwen3_case):
     empty[1] = 0
     with pytest.raises(ValueError, match=r"rows \[1\]"):
         generate(graphdef, state, p, empty, max_new_tokens=4, temperature=0.0)
+    completion = np.ones((p.shape[0], 3), np.int32)
+    holed = np.ones((p.shape[0], 3), bool)
+    holed[-1, 1] = False                     # 1 0 1: not a prefix of ones
+    with pytest.raises(ValueError, match=rf"completion_mask rows \[{p.shape[0] - 1}\]"):
+        score(graphdef, state, p, m, completion, holed)
 
 
 def _kept_reference(z, k, p):
