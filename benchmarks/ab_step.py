@@ -14,7 +14,9 @@ reverses every round (A B T | T B A | ...), so each round gives same-run
 ratios. Reported per case: best step time of each side per round, the
 per-round ratio ``t(first tree) / t(other side)`` (> 1: the other side is
 faster), its median and range over rounds, and the CPU seconds (user + sys)
-each worker used, beside the machine's load average.
+each worker used, beside the machine's load average. ``--query-block=tree=N``
+sets one tree's ``Qwen3Config.query_block``; with the same directory twice it
+A/Bs that setting alone (``--trees=off=.,on=. --query-block=on=64``).
 """
 from __future__ import annotations
 
@@ -47,6 +49,18 @@ def parse_trees(text: str) -> dict[str, str]:
     return trees
 
 
+def parse_query_blocks(text: str, trees: dict[str, str]) -> dict[str, int]:
+    """'name=N,...' -> {tree name: Qwen3Config.query_block}; every name must be a tree."""
+    out = {}
+    for item in [x for x in text.split(",") if x]:
+        name, sep, value = item.partition("=")
+        if not sep or name not in trees or not value.isdigit():
+            raise ValueError(f"--query-block item {item!r} must be tree=N with N >= 0 and "
+                             f"tree one of {sorted(trees)}")
+        out[name] = int(value)
+    return out
+
+
 def run_in_tree(tree: str, side: str, spec: dict, *, timeout: float) -> dict:
     """One ``benchmarks.train_step`` worker run with ``tree`` first on the path; adds cpu_s."""
     env = dict(os.environ, PYTHONPATH=tree)
@@ -75,9 +89,13 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--torch", action="store_true", help="also time transformers")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--query-block", default="",
+                        help="tree=N,...: that tree's model gets Qwen3Config.query_block N "
+                             "(e.g. --trees=off=.,on=. --query-block=on=64)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     trees = parse_trees(args.trees)
+    query_blocks = parse_query_blocks(args.query_block, trees)
     from benchmarks.jax_side import write_weights  # noqa: PLC0415
 
     sides = [(name, path, "jax") for name, path in trees.items()]
@@ -95,7 +113,9 @@ def main(argv=None) -> list[dict]:
                     order = sides if r % 2 == 0 else sides[::-1]
                     res = {}
                     for name, path, side in order:
-                        res[name] = run_in_tree(path, side, spec, timeout=args.timeout)
+                        side_spec = (dict(spec, model_overrides={"query_block": query_blocks[name]})
+                                     if name in query_blocks else spec)
+                        res[name] = run_in_tree(path, side, side_spec, timeout=args.timeout)
                         cpu = res[name].setdefault("cpu_times", [])   # older trees: none
                         h.log(f"{size} {kind} round {r + 1} {name}: best "
                               f"{h.best(res[name]['times']):.3f} s, step cpu "
@@ -121,8 +141,8 @@ def main(argv=None) -> list[dict]:
                     cpus = [round(h.best(r[name]["cpu_times"]), 3) for r in rounds
                             if r[name]["cpu_times"]]
                     print(f"  {name}: best step s per round {walls}, cpu s {cpus}", flush=True)
-    h.save_json(args.out, {"benchmark": "ab_step", "trees": trees, "date": time.ctime(),
-                           "rows": rows})
+    h.save_json(args.out, {"benchmark": "ab_step", "trees": trees, "query_block": query_blocks,
+                           "date": time.ctime(), "rows": rows})
     return rows
 
 

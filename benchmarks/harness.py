@@ -49,6 +49,10 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(_COMMON, vocab_size=512, hidden_size=64, intermediate_size=192,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=16),
+    # the model of the main job (experiments/configs/default.py), at its tokenizer's vocabulary
+    "main": dict(_COMMON, vocab_size=768, hidden_size=128, intermediate_size=384,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=32),
     "small": dict(_COMMON, vocab_size=4096, hidden_size=512, intermediate_size=1536,
                   num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
                   head_dim=64),

@@ -142,6 +142,7 @@ _REGIONS = (
     ("Attention.__call__.<locals>.project", "q/k/v projections"),
     ("MLP.__call__", "MLP (SwiGLU)"),
     ("Attention.__call__", "attention core"),
+    ("Attention._attend", "attention core"),
     ("default_positions", "embedding, masks, positions"),
     ("Qwen3.hidden_states", "embedding, masks, positions"),
     ("DecoderBlock.__call__", "residual adds"),

@@ -52,9 +52,10 @@ def write_weights(size: str, directory: str, *, seed: int = 0) -> str:
     return directory
 
 
-def load_model(directory: str) -> Qwen3:
-    """The model written by ``write_weights``."""
-    return load_hf(directory)
+def load_model(directory: str, **overrides: Any) -> Qwen3:
+    """The model written by ``write_weights`` (``overrides``: Qwen3Config fields
+    outside the HF config, e.g. query_block=64)."""
+    return load_hf(directory, **overrides)
 
 
 def lower_train_step(model: Qwen3, loss_fn, batch: dict) -> dict[str, Any]:

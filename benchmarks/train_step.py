@@ -38,6 +38,8 @@ KINDS = ("sft", "chrpo")
 SHAPES = {
     "micro": {"sft": dict(batch=2, length=16), "chrpo": dict(batch=2, prompt=8, completion=8)},
     "tiny": {"sft": dict(batch=8, length=128), "chrpo": dict(batch=8, prompt=32, completion=96)},
+    # the main job's SFT batches hold 2,048 token slots (sft.batch_tokens), here at width 256
+    "main": {"sft": dict(batch=8, length=256), "chrpo": dict(batch=8, prompt=64, completion=192)},
     "small": {"sft": dict(batch=4, length=256),
               "chrpo": dict(batch=4, prompt=64, completion=192)},
 }
@@ -100,7 +102,7 @@ def jax_worker(spec: dict) -> dict:
     from experiments.rl import make_rl_loss  # noqa: PLC0415
     from experiments.sft import lm_loss  # noqa: PLC0415
 
-    model = jax_side.load_model(spec["weights"])
+    model = jax_side.load_model(spec["weights"], **spec.get("model_overrides", {}))
     batch = jax.device_put(make_batch(spec))
     loss_fn = lm_loss if spec["kind"] == "sft" else make_rl_loss(chrpo.get_preset("chrpo"))
     built = jax_side.compile_train_step(model, loss_fn, batch)
@@ -115,7 +117,8 @@ def jax_worker(spec: dict) -> dict:
     return {"times": times, "cpu_times": cpu_times, "compile_s": built["compile_s"],
             "compiled_memory": built["compiled_memory"],
             "loss": float(holder["metrics"]["loss"]),
-            "skipped": int(holder["metrics"]["skipped_total"])}
+            "skipped": int(holder["metrics"]["skipped_total"]),
+            "query_block": model.config.query_block}
 
 
 def torch_worker(spec: dict) -> dict:
@@ -212,7 +215,11 @@ def report(rows: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     parser = h.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--kinds", default=",".join(KINDS), help="sft,chrpo")
+    parser.add_argument("--query-block", type=int, default=0,
+                        help="our model's Qwen3Config.query_block (0: one attention block)")
     args, sizes = h.parse_common(parser, argv)
+    if args.query_block < 0:
+        parser.error(f"--query-block must be >= 0, got {args.query_block}")
     kinds = [k for k in args.kinds.split(",") if k]
     if not kinds or set(kinds) - set(KINDS):
         parser.error(f"--kinds: valid are {KINDS}, got {args.kinds!r}")
@@ -224,7 +231,8 @@ def main(argv=None) -> list[dict]:
             weights = write_weights(size, os.path.join(tmp, size))
             for kind in kinds:
                 spec = worker_spec(size, kind, weights, repeats=args.repeats,
-                                   warmup=args.warmup)
+                                   warmup=args.warmup,
+                                   model_overrides={"query_block": args.query_block})
                 specs = {"jax": spec} if args.no_reference else {"jax": spec, "torch": spec}
                 h.log(f"train_step {size} {kind}: {args.rounds} round(s)")
                 rounds = h.alternate(MODULE, specs, rounds=args.rounds, timeout=args.timeout,

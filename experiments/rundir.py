@@ -113,7 +113,8 @@ def model_config(block: ml_collections.ConfigDict, vocab_size: int) -> Qwen3Conf
                        num_heads=block.num_heads, num_kv_heads=block.num_kv_heads,
                        head_dim=block.head_dim, rope_theta=float(block.rope_theta),
                        max_position_embeddings=block.max_position_embeddings,
-                       dtype=block.dtype, param_dtype=block.param_dtype)
+                       dtype=block.dtype, param_dtype=block.param_dtype,
+                       query_block=int(block.get("query_block", 0)))
 
 
 def build_model(block: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed: int) -> Qwen3:
@@ -126,7 +127,8 @@ def build_model(block: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed:
         return Qwen3(model_config(block, tokenizer.vocab_size), rngs=nnx.Rngs(seed))
     from models.hf import load_hf  # noqa: PLC0415 (only the real-scale configs need it)
 
-    model = load_hf(block.hf_path, dtype=block.dtype, param_dtype=block.param_dtype)
+    model = load_hf(block.hf_path, dtype=block.dtype, param_dtype=block.param_dtype,
+                    query_block=int(block.get("query_block", 0)))
     return grow_vocab(model, tokenizer.vocab_size, seed=seed)
 
 

@@ -155,6 +155,12 @@ def test_ab_step_trees_need_a_model_and_a_name(tmp_path):
         ab_step.parse_trees(f"torch={tmp_path}")
     with pytest.raises(ValueError, match="no models/qwen3.py"):
         ab_step.parse_trees(f"a={tmp_path / 'missing'}")
+    trees = {"off": str(tmp_path), "on": str(tmp_path)}
+    assert ab_step.parse_query_blocks("on=64", trees) == {"on": 64}
+    assert ab_step.parse_query_blocks("", trees) == {}
+    for bad in ("other=64", "on=-1", "on", "on=x"):
+        with pytest.raises(ValueError, match="must be tree=N"):
+            ab_step.parse_query_blocks(bad, trees)
 
 
 def test_timed_records_cpu_seconds_per_call():

@@ -105,6 +105,19 @@ def test_mesh_sizes_are_checked_at_parse_time(value):
         cli.parse(["--config=experiments/configs/test.py", f"--config.mesh.fsdp={value}"])
 
 
+def test_query_block_reaches_the_model_and_is_checked():
+    from experiments import rundir  # noqa: PLC0415
+
+    config = cli.parse(["--config=experiments/configs/test.py", "--config.model.query_block=64"])
+    assert rundir.model_config(config.model, 300).query_block == 64
+    default = cli.parse(["--config=experiments/configs/test.py"])
+    assert rundir.model_config(default.model, 300).query_block == 0
+    for value in (-1, 1.5, True):
+        with pytest.raises(cli.ConfigError, match="model.query_block"):
+            cli.parse(["--config=experiments/configs/test.py",
+                       f"--config.model.query_block={value}"])
+
+
 @pytest.mark.slow
 def test_sft_on_eight_devices_equals_one_device(tmp_path):
     """Tolerances: float32 reductions over sharded rows and hidden units are

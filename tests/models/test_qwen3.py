@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from models.hf import load_hf
-from models.qwen3 import PRESETS, Qwen3, Qwen3Config, init_cache, preset
+from models.qwen3 import (MAX_QUERY_BLOCKS, PRESETS, Qwen3, Qwen3Config, init_cache, preset,
+                         query_blocks)
 
 QWEN3_FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "fixtures", "qwen3")
@@ -205,3 +206,54 @@ def test_positions_reach_rope_relatively(tiny):
                                atol=1e-6)          # default positions count from 0
     np.testing.assert_allclose(at(np.arange(5) + 3), base, atol=1e-4)  # shift: no change
     assert np.abs(at(2 * np.arange(5)) - base).max() > 1e-3          # stretch: changes
+
+
+def test_query_blocks_cover_every_row_once():
+    for n in (1, 63, 64, 65, 150, 200, 512, 1000, 4096):
+        blocks = query_blocks(n, 64)
+        assert blocks[0][0] == 0 and blocks[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+        assert len(blocks) <= MAX_QUERY_BLOCKS
+        assert all(e - s >= 64 for s, e in blocks[:-1])
+        assert query_blocks(n, 0) == ((0, n),)
+    assert query_blocks(64, 64) == ((0, 64),)
+    assert len(query_blocks(4096, 64)) == MAX_QUERY_BLOCKS
+    with pytest.raises(ValueError, match="length=0, block=64"):
+        query_blocks(0, 64)
+    with pytest.raises(ValueError, match="query_block must be an int >= 0, got -1"):
+        Qwen3Config(**dict(TINY, query_block=-1))
+
+
+def test_causal_query_blocks_match_one_block():
+    """Blocked causal attention (query_block 64: 3 blocks at T = 150) gives the
+    logits and gradients of attention over all T keys, with left and right padding."""
+    config = Qwen3Config(**dict(TINY, max_position_embeddings=256))
+    full_graphdef, state = nnx.split(Qwen3(config, rngs=nnx.Rngs(3)))
+    blocked_graphdef = nnx.graphdef(Qwen3(dataclasses.replace(config, query_block=64),
+                                          rngs=nnx.Rngs(3)))
+    rng = np.random.default_rng(5)
+    seqs = [rng.integers(1, 50, n) for n in (150, 97, 40)]
+    lt, lm = _place(seqs, 150, left=True)
+    rt, rm = _place(seqs, 150, left=False)
+    tokens, mask = np.concatenate([lt, rt]), np.concatenate([lm, rm])
+    real = mask.astype(bool)
+
+    def run(graphdef):
+        def loss(state):
+            logits = nnx.merge(graphdef, state)(tokens, attention_mask=mask)
+            logp = jnp.where(mask[..., None] > 0, jax.nn.log_softmax(logits), 0.0)
+            return jnp.sum(logp), logits
+
+        fn = jax.value_and_grad(loss, has_aux=True)
+        dots = str(jax.make_jaxpr(fn)(state)).count("dot_general")
+        (_, logits), grads = jax.jit(fn)(state)
+        return dots, np.asarray(logits), grads
+
+    blocked_dots, blocked, blocked_grads = run(blocked_graphdef)
+    full_dots, full, full_grads = run(full_graphdef)
+    assert blocked_dots > full_dots   # the blocked path was the one traced
+    np.testing.assert_allclose(blocked[real], full[real], atol=2e-5)
+    assert np.abs(full[real]).max() > 0.1
+    for a, b in zip(jax.tree.leaves(blocked_grads), jax.tree.leaves(full_grads)):
+        a, b = np.asarray(a), np.asarray(b)   # sums over 900 tokens: compare as vectors
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) and np.linalg.norm(b) > 0
