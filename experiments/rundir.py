@@ -106,6 +106,11 @@ def run_stage(run: Run, name: str, fn: Callable[[], dict], *, force: bool = Fals
 
 # ----------------------------------------------------------------------------- models
 
+def _query_block(block: ml_collections.ConfigDict) -> int:
+    """The model block's ``query_block`` (Qwen3Config.query_block; 0 when a config lacks it)."""
+    return int(block.get("query_block", 0))
+
+
 def model_config(block: ml_collections.ConfigDict, vocab_size: int) -> Qwen3Config:
     """Architecture of a ``source='config'`` model block (vocab from the tokenizer)."""
     return Qwen3Config(vocab_size=int(vocab_size), hidden_size=block.hidden_size,
@@ -114,7 +119,7 @@ def model_config(block: ml_collections.ConfigDict, vocab_size: int) -> Qwen3Conf
                        head_dim=block.head_dim, rope_theta=float(block.rope_theta),
                        max_position_embeddings=block.max_position_embeddings,
                        dtype=block.dtype, param_dtype=block.param_dtype,
-                       query_block=int(block.get("query_block", 0)))
+                       query_block=_query_block(block))
 
 
 def build_model(block: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed: int) -> Qwen3:
@@ -128,7 +133,7 @@ def build_model(block: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seed:
     from models.hf import load_hf  # noqa: PLC0415 (only the real-scale configs need it)
 
     model = load_hf(block.hf_path, dtype=block.dtype, param_dtype=block.param_dtype,
-                    query_block=int(block.get("query_block", 0)))
+                    query_block=_query_block(block))
     return grow_vocab(model, tokenizer.vocab_size, seed=seed)
 
 
