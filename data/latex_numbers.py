@@ -17,11 +17,13 @@ import re
 from fractions import Fraction
 
 __all__ = ["NotANumber", "parse_number", "format_number", "multiply",
-           "MAX_LITERAL_DIGITS", "MAX_VALUE_BITS", "MAX_RADICAND"]
+           "MAX_LITERAL_DIGITS", "MAX_VALUE_BITS", "MAX_RADICAND", "MAX_TERMS"]
 
 MAX_LITERAL_DIGITS = 60   # longer number literals are not numbers
 MAX_VALUE_BITS = 4000     # numerators/denominators beyond this abort the parse
 MAX_RADICAND = 10**12     # square-free reduction by trial division up to 10**4
+MAX_TERMS = 64            # surd terms of a value: a product of sums grows their count
+                          # geometrically ((1+sqrt 2)(1+sqrt 3)... doubles it per factor)
 _MAX_DEPTH = 40           # parser nesting limit
 
 
@@ -56,20 +58,30 @@ def _square_free(n: int) -> tuple[int, int]:
     return (s * r, m) if r * r == n else (s, m * n)
 
 
+def _terms(out: dict) -> dict:
+    if len(out) > MAX_TERMS:
+        raise NotANumber(f"more than {MAX_TERMS} surd terms")
+    return out
+
+
 def _add(a: dict, b: dict, sign: int = 1) -> dict:
     out = dict(a)
     for n, q in b.items():
         out[n] = _check(out.get(n, Fraction(0)) + sign * q)
-    return {n: q for n, q in out.items() if q != 0}
+    return _terms({n: q for n, q in out.items() if q != 0})
 
 
 def _mul(a: dict, b: dict) -> dict:
+    """The product, in ``len(a) * len(b) <= MAX_TERMS**2`` term products (bounded work)."""
+    if len(a) * len(b) > MAX_TERMS * MAX_TERMS:
+        raise NotANumber(f"more than {MAX_TERMS} surd terms")
     out: dict = {}
     for n1, q1 in a.items():
         for n2, q2 in b.items():
             g = math.gcd(n1, n2)   # n1*n2 = g**2 * (n1/g)*(n2/g), the latter square-free
-            out = _add(out, {(n1 // g) * (n2 // g): _check(q1 * q2 * g)})
-    return out
+            key = (n1 // g) * (n2 // g)
+            out[key] = _check(out.get(key, Fraction(0)) + _check(q1 * q2 * g))
+    return _terms({n: q for n, q in out.items() if q != 0})
 
 
 def _inverse(a: dict) -> dict:

@@ -319,13 +319,22 @@ class HFTokenizer(Tokenizer):
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a tokenizer: ``*.json`` -> :class:`HFTokenizer`, else SentencePiece."""
+    """Load a tokenizer by what the file holds, whatever it is called: a JSON text
+    (``{`` first) is a Hugging Face ``tokenizer.json`` (:class:`HFTokenizer`), anything
+    else a SentencePiece model. A file that neither reads raises ValueError naming it."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer at {path!r}")
-    if path.endswith(".json"):
-        return HFTokenizer.load(path)
-    return SentencePieceTokenizer.load(path)
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    kind = "tokenizer.json" if head.startswith(b"{") else "SentencePiece model"
+    try:
+        if kind == "tokenizer.json":
+            return HFTokenizer.load(path)
+        return SentencePieceTokenizer.load(path)
+    except Exception as err:   # sentencepiece raises RuntimeError, tokenizers its own
+        raise ValueError(f"{path!r} is not a valid {kind} ({type(err).__name__}: "
+                         f"{str(err)[:200]}); truncated or of another format?") from None
 
 
 __all__ = ["Tokenizer", "SentencePieceTokenizer", "HFTokenizer", "train_sentencepiece",

@@ -233,9 +233,10 @@ def check(config: ml_collections.ConfigDict, key: str, predicate: Callable[[Any]
 
 def check_range(config: ml_collections.ConfigDict, key: str, *, low: float | None = None,
                 high: float | None = None, low_open: bool = False, high_open: bool = False) -> None:
-    """``value`` must be a number in the interval given by ``low``/``high`` (open ends optional)."""
+    """``value`` must be a finite number in the interval given by ``low``/``high`` (open ends
+    optional); NaN and +-inf are refused whatever the bounds."""
     def inside(v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
             return False
         if low is not None and (v <= low if low_open else v < low):
             return False

@@ -54,14 +54,25 @@ def question_row(problem: Problem) -> dict:
 QUESTION_FIELDS = ("uid", "question", "answer", "cot")
 
 
+QUESTION_TYPES = {"uid": (str,), "question": (str,), "answer": (str, int), "cot": (str,),
+                  "difficulty": (dict, type(None))}
+
+
 def read_questions(path: str) -> list[Question]:
-    """The questions of a JSONL file written by `question_row`; a malformed line or
-    a missing field raises ValueError naming file:line."""
-    return [question_from_row(r) for r in rundir.read_jsonl(path, required=QUESTION_FIELDS)]
+    """The questions of a JSONL file written by `question_row`; a malformed line, a
+    missing field or one of the wrong type (``"question": null``) raises ValueError
+    naming file:line, and so does a file without a question. An integer gold answer
+    (``"answer": 7``) is read as its decimal text."""
+    rows = rundir.read_jsonl(path, required=QUESTION_FIELDS, types=QUESTION_TYPES)
+    if not rows:
+        raise ValueError(f"{path}: holds no question (an empty file?)")
+    return [question_from_row(r) for r in rows]
 
 
 def question_from_row(row: dict) -> Question:
-    return Question(uid=row["uid"], question=row["question"], answer=row["answer"],
+    answer = row["answer"]
+    return Question(uid=row["uid"], question=row["question"],
+                    answer=str(answer) if isinstance(answer, int) else answer,
                     cot=row["cot"], difficulty=dict(row.get("difficulty") or {}))
 
 
@@ -74,7 +85,8 @@ def sft_batch(examples: Sequence[SFTExample], *, step: int, seed: int, batch_tok
               bucket: int, max_length: int) -> dict[str, np.ndarray]:
     """Batch ``step`` of an SFT run: right-padded ``tokens`` int32, ``mask`` and
     ``loss_mask`` bool, all [rows, width]; examples longer than ``max_length``
-    are cut to it (their tail loses the loss)."""
+    are cut to it (their tail loses the loss). ``loss_mask`` is float32 when an
+    example carries loss weights (``data.formats.weight_equations``)."""
     if not examples:
         raise ValueError("sft_batch needs at least one example")
     if max_length < bucket:
@@ -87,8 +99,9 @@ def sft_batch(examples: Sequence[SFTExample], *, step: int, seed: int, batch_tok
     rows = max(1, batch_tokens // width)
     same = np.flatnonzero(widths == width)
     chosen = np.concatenate([[first], rng.choice(same, rows - 1)]).astype(int)
+    weighted = any(examples[i].loss_mask.dtype != bool for i in chosen)
     batch = {"tokens": np.zeros((rows, width), np.int32), "mask": np.zeros((rows, width), bool),
-             "loss_mask": np.zeros((rows, width), bool)}
+             "loss_mask": np.zeros((rows, width), np.float32 if weighted else bool)}
     for r, i in enumerate(chosen):
         n = lengths[i]
         batch["tokens"][r, :n] = examples[i].ids[:n]

@@ -55,7 +55,7 @@ from models import sharding
 from models.checkpoint import CheckpointManager, abstract_tree
 from models.sampling import completion_logprobs, score
 from models.training import (check_finite_updates, create_train_state, make_optimizer,
-                             make_train_step, merge_model)
+                             make_train_step, merge_model, require_applied_updates)
 
 __all__ = ["chrpo_config", "prompt_order", "reward_inputs", "make_rl_loss", "pad_minibatch",
            "rl", "STAGES", "main"]
@@ -283,6 +283,7 @@ def rl(config, run: rundir.Run) -> dict:
             manager.save(step + 1, state, {"position": int(extra["position"])})
         manager.save(block.steps, state, {"position": int(state.extra["position"])}, force=True)
     manager.close()
+    require_applied_updates(state, name="rl")
     rundir.export_model(merge_model(graphdef, state), stage_dir)
     return {"steps": block.steps, **{f"last/{k}": v for k, v in last.items()}}
 

@@ -175,8 +175,12 @@ def load_model(stage_dir: str) -> Qwen3:
     path = os.path.join(stage_dir, MODEL_DIR)
     if not os.path.exists(path + ".json"):
         raise FileNotFoundError(f"no exported model in {stage_dir}")
-    with open(path + ".json") as f:
-        config = Qwen3Config(**json.load(f))
+    try:
+        with open(path + ".json") as f:
+            config = Qwen3Config(**json.load(f))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}.json: not a model architecture this code wrote "
+                         f"({type(err).__name__}: {err})") from None
     graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0))),
                                        nnx.Param, ...)
     with CheckpointManager(path, max_to_keep=1) as manager:
@@ -197,12 +201,19 @@ def write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
     os.replace(path + ".tmp", path)
 
 
-def read_jsonl(path: str, *, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """The JSON object of each non-blank line; a bad line, or one that lacks a
-    field named in ``required``, raises ValueError naming file:line."""
+def read_jsonl(path: str, *, required: tuple[str, ...] = (),
+               types: dict[str, tuple[type, ...]] | None = None) -> list[dict[str, Any]]:
+    """The JSON object of each non-blank line; a line that is not UTF-8 or not a JSON
+    object, lacks a field named in ``required`` or holds a field of another type
+    than ``types`` gives (bools are never ints) raises ValueError naming file:line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{number}: not UTF-8 (byte {raw[err.start]:#04x} at "
+                                 f"column {err.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -217,5 +228,12 @@ def read_jsonl(path: str, *, required: tuple[str, ...] = ()) -> list[dict[str, A
             if missing:
                 raise ValueError(f"{path}:{number}: missing field(s) {missing}; a row needs "
                                  f"{list(required)}")
+            for key, kinds in (types or {}).items():
+                value = row.get(key)
+                if key in row and (not isinstance(value, kinds) or
+                                   (isinstance(value, bool) and bool not in kinds)):
+                    names = " or ".join(k.__name__ for k in kinds)
+                    raise ValueError(f"{path}:{number}: field {key!r} must be {names}, got "
+                                     f"{json.dumps(value)[:40]}")
             rows.append(row)
     return rows

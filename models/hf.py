@@ -105,7 +105,8 @@ def to_hf_tensors(model: Qwen3) -> dict[str, np.ndarray]:
 
 
 def _check_tensors(config: Qwen3Config, tensors: Mapping[str, np.ndarray]) -> None:
-    """Raise one error listing every missing, unexpected or mis-shaped tensor."""
+    """Raise one error listing every missing, unexpected, mis-shaped or non-finite tensor
+    (a NaN or Inf weight would load silently and poison every logit)."""
     specs = tensor_specs(config)
     problems = []
     for name, spec in specs.items():
@@ -124,6 +125,11 @@ def _check_tensors(config: Qwen3Config, tensors: Mapping[str, np.ndarray]) -> No
         if not np.issubdtype(tensors[name].dtype, np.floating) and \
                 tensors[name].dtype != jnp.bfloat16:
             problems.append(f"  wrong dtype {name}: found {tensors[name].dtype}")
+        elif tuple(tensors[name].shape) == specs[name].hf_shape:
+            bad = int(np.size(tensors[name]) - np.count_nonzero(
+                np.isfinite(np.asarray(tensors[name], dtype=np.float32))))
+            if bad:
+                problems.append(f"  non-finite  {name}: {bad} NaN/Inf value(s)")
     if problems:
         raise ValueError("checkpoint does not match the Qwen3 config "
                          f"({len(problems)} problem(s)):\n" + "\n".join(problems))
@@ -199,8 +205,16 @@ def load_hf(path: str, **config_overrides) -> Qwen3:
     """
     if not os.path.isdir(path):
         raise NotADirectoryError(f"{path!r} is not a checkpoint directory")
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        config = Qwen3Config.from_hf_dict(json.load(f), **config_overrides)
+    config_path = os.path.join(path, CONFIG_NAME)
+    try:
+        with open(config_path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: malformed JSON ({err.msg} at line {err.lineno}, "
+                         f"column {err.colno}); truncated?") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
+    config = Qwen3Config.from_hf_dict(raw, **config_overrides)
     tensors = read_safetensors(path)
     model = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0)))
     return assign_hf_tensors(model, tensors)

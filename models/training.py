@@ -44,7 +44,8 @@ __all__ = [
     "OPTIMIZER_DEFAULTS", "default_optimizer_config", "make_schedule", "weight_decay_mask",
     "make_optimizer", "token_logprobs", "next_token_logprobs", "masked_lm_loss",
     "TrainState", "create_train_state", "merge_model", "make_train_step",
-    "NonFiniteError", "check_finite_updates", "DEFAULT_MAX_CONSECUTIVE_SKIPS",
+    "NonFiniteError", "check_finite_updates", "require_applied_updates",
+    "DEFAULT_MAX_CONSECUTIVE_SKIPS",
 ]
 
 log = logging.getLogger(__name__)
@@ -475,3 +476,17 @@ def check_finite_updates(metrics: Mapping[str, Any], *, step: int, max_consecuti
             "Stopping: lower the learning rate or check the data; the last checkpoint "
             "holds the last finite update.")
     return run
+
+
+def require_applied_updates(state: TrainState, *, name: str = "train") -> None:
+    """Raise :class:`NonFiniteError` when every update of ``state`` was skipped.
+
+    A stage shorter than ``max_consecutive_skips`` steps whose every loss or
+    gradient was non-finite would otherwise end normally and export its init
+    model as if trained. Call it before exporting.
+    """
+    steps, skipped = int(jax.device_get(state.step)), int(jax.device_get(state.skipped_total))
+    if steps > 0 and skipped >= steps:
+        raise NonFiniteError(f"{name}: all {steps} updates had a non-finite loss or gradient "
+                             "and were skipped; nothing was trained, so nothing is exported. "
+                             "Lower the learning rate or check the data and the init model.")

@@ -136,3 +136,18 @@ def test_parse_size():
     for bad in ("5 parsecs", 0, -3, "GB", True):
         with pytest.raises(ValueError, match="max_shard_size"):
             parse_size(bad)
+
+
+def test_non_finite_weights_are_refused_by_name(tmp_path):
+    def edit(t):
+        w = t["model.layers.0.mlp.down_proj.weight"].copy()
+        w[0, 0], w[1, 2] = np.nan, np.inf
+        t["model.layers.0.mlp.down_proj.weight"] = w
+        n = t["model.norm.weight"].copy()
+        n[3] = -np.inf
+        t["model.norm.weight"] = n
+    with pytest.raises(ValueError) as err:
+        load_hf(_copy_with(tmp_path, edit))
+    msg = str(err.value)
+    assert "non-finite  model.layers.0.mlp.down_proj.weight: 2 NaN/Inf value(s)" in msg
+    assert "non-finite  model.norm.weight: 1 NaN/Inf value(s)" in msg

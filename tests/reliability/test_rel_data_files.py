@@ -100,3 +100,73 @@ def test_question_file_missing_field_names_file_line_and_field(tmp_path):
     rows[1]["cot"] = "restored"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [q.uid for q in read_questions(str(path))] == [r["uid"] for r in rows]
+
+
+def _question_file(tmp_path, edit=None, name="q.jsonl"):
+    from experiments.datasets import question_row
+    rows = [question_row(p) for p in generate_problems(3, 4)]
+    if edit:
+        edit(rows)
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_question_fields_of_the_wrong_type_name_file_line_and_field(tmp_path):
+    from experiments.datasets import read_questions
+    path = _question_file(tmp_path, lambda rows: rows[2].update(question=None))
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: field 'question' must be str, "
+                                                   "got null")):
+        read_questions(str(path))
+    path = _question_file(tmp_path, lambda rows: rows[0].update(answer=True))
+    with pytest.raises(ValueError, match=re.escape(f"{path}:1: field 'answer' must be str or int")):
+        read_questions(str(path))
+
+
+def test_an_integer_gold_answer_is_read_as_its_text(tmp_path):
+    from data.answers import is_equivalent
+    from experiments.datasets import read_questions
+    path = _question_file(tmp_path, lambda rows: rows[1].update(answer=7))
+    q = read_questions(str(path))[1]
+    assert q.answer == "7" and q.answer_text == "\\boxed{7}" and is_equivalent("7", q.answer)
+
+
+def test_empty_and_non_utf8_question_files_name_the_file(tmp_path):
+    from experiments.datasets import read_questions
+    empty = tmp_path / "sft.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=re.escape(f"{empty}: holds no question")):
+        read_questions(str(empty))
+    path = _question_file(tmp_path)
+    data = path.read_bytes().split(b"\n")
+    data[1] = data[1][:20] + b"\xff" + data[1][20:]
+    path.write_bytes(b"\n".join(data))
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not UTF-8 (byte 0xff at column 21)")):
+        read_questions(str(path))
+
+
+def test_truncated_tokenizer_and_model_files_name_the_file(tmp_path):
+    from data.arithmetic import tokenizer_corpus
+    from data.tokenizers import train_sentencepiece
+    tok = train_sentencepiece(tokenizer_corpus(generate_problems(0, 60)), vocab_size=400)
+    good = tmp_path / "tokenizer.model"
+    tok.save(good)
+    cut = tmp_path / "cut.model"
+    cut.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(ValueError, match=re.escape(f"'{cut}' is not a valid SentencePiece model")):
+        load_tokenizer(cut)
+    renamed = tmp_path / "tokenizer.json"          # a SentencePiece model under a JSON name
+    renamed.write_bytes(good.read_bytes())
+    assert load_tokenizer(renamed).encode("12+3") == tok.encode("12+3")
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "model.json").write_text('{"vocab_size": 30')
+    with pytest.raises(ValueError, match=re.escape(f"{stage / 'model'}.json: not a model")):
+        rundir.load_model(str(stage))
+
+
+def test_truncated_hf_config_names_the_file(tmp_path):
+    from models.hf import load_hf
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3", "hidden_size"')
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'config.json'}: malformed JSON")):
+        load_hf(str(tmp_path))

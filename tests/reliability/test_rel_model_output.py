@@ -211,3 +211,22 @@ def test_answer_functions_take_any_text(text, gold):
     # A text with an answer equals itself (equivalence is reflexive where defined).
     assert same == (normalize_answer(text) is not None)
     assert time.thread_time() - t0 < MAX_ITEM_S
+
+
+def test_products_of_surd_sums_are_bounded_work():
+    """Each (1 + sqrt p) factor doubles the surd terms; past MAX_TERMS the text is not a
+    number (issue 25: 13 factors took 25 s before the bound)."""
+    from data.answers import is_equivalent
+    from data.latex_numbers import MAX_TERMS, NotANumber, format_number, parse_number
+    primes = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53]
+    six = "".join("(1+\\sqrt{%d})" % p for p in primes[:6])          # 64 terms: still exact
+    assert len(parse_number(six)) == MAX_TERMS == 64
+    with pytest.raises(NotANumber, match="surd terms"):
+        parse_number(six + "(1+\\sqrt{17})")
+    # the parse stops at the seventh factor, so no input does more than 6 bounded products
+    for k in (7, 10, 13, 16):
+        text = "".join("(1+\\sqrt{%d})" % p for p in primes[:k])
+        with pytest.raises(NotANumber, match="surd terms"):
+            parse_number(text)
+        assert not is_equivalent(text, "1")
+    assert format_number(parse_number("(1+\\sqrt{2})(1-\\sqrt{2})")) == "-1"

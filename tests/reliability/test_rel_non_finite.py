@@ -147,3 +147,24 @@ def test_sft_skips_a_nan_and_stops_after_n_in_a_row(sft_setup, tmp_path, monkeyp
     warnings = [r.getMessage() for r in caplog.records if "skipped its update" in r.getMessage()]
     assert [w.split(" skipped")[0] for w in warnings] == [
         "sft_base: step 2", "sft_base: step 4", "sft_base: step 5", "sft_base: step 6"]
+
+
+def test_a_stage_whose_every_update_was_skipped_fails(sft_setup, tmp_path, monkeypatch):
+    """Two steps, both NaN, under a limit of 10 in a row: the stage must not end normally
+    (and export its untrained init) just because it was shorter than the limit."""
+    from experiments import sft
+    from experiments.configs.pipeline_blocks import sft_block
+    from models.qwen3 import Qwen3, Qwen3Config
+
+    tok, examples = sft_setup
+    real_loss = sft.lm_loss
+    monkeypatch.setattr(sft, "lm_loss", lambda m, b, r: (real_loss(m, b, r)[0] * np.nan,
+                                                          *real_loss(m, b, r)[1:]))
+    block = sft_block(init="scratch", steps=2, learning_rate=1e-2, batch_tokens=512,
+                      bucket=256, max_length=256)
+    config = Qwen3Config(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
+                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+                         max_position_embeddings=512)
+    with pytest.raises(NonFiniteError, match="sft_base: all 2 updates .* skipped"):
+        sft.train_sft(Qwen3(config, rngs=nnx.Rngs(0)), examples, block,
+                      stage_dir=str(tmp_path), seed=0, name="sft_base")
