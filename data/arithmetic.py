@@ -69,6 +69,9 @@ class ArithmeticConfig:
     p_result: float = 0.7        # chance of a "So now ... has y ..." line after a step
     max_essential_share: float = 0.19
     max_core_share: float = 0.38
+    pad_width: int = 0           # digits per number in equations, zero-padded (0: as is)
+    restate: str = "paraphrase"  # 'quote': each step restates its question sentence verbatim,
+                                 # and the closing line the question's last sentence
 
     def __post_init__(self):
         def bad(name, why):
@@ -85,6 +88,11 @@ class ArithmeticConfig:
                 bad(name, "must be a positive int")
         if self.min_steps > self.max_steps:
             bad("min_steps", f"exceeds max_steps={self.max_steps}")
+        if isinstance(self.pad_width, bool) or not isinstance(self.pad_width, int) \
+                or not 0 <= self.pad_width <= 6:
+            bad("pad_width", "must be an int in [0, 6] (0: numbers as they are)")
+        if self.restate not in ("paraphrase", "quote"):
+            bad("restate", "must be 'paraphrase' or 'quote'")
         if not 2 <= self.max_digits <= 6:
             bad("max_digits", "must lie in [2, 6]")
         if self.max_operand < 11 or self.max_start < 2:
@@ -190,13 +198,17 @@ def generate_problem(seed: int, index: int, config: ArithmeticConfig | None = No
     sentences += [cot.QUESTION[st.op][st.variant].format(**fields, a=st.a) for st in steps]
     sentences.append(cot.ASK[int(rng.integers(len(cot.ASK)))].format(**fields))
 
-    w = cot.ChainWriter(rng, fields)
+    w = cot.ChainWriter(rng, fields, width=c.pad_width)
     w.text(w.pick(cot.OPENING), "hedge")
     w.text(cot.START_RESTATE, "restate")
+    quotes = sentences[1:1 + n_steps] if c.restate == "quote" else [None] * n_steps
     partials = sum(cot.write_step(w, k, st, p_hedge=c.p_hedge, p_check=c.p_check,
-                                  p_dead_end=c.p_dead_end, p_result=c.p_result)
+                                  p_dead_end=c.p_dead_end, p_result=c.p_result, quote=quotes[k])
                    for k, st in enumerate(steps))
-    w.text(w.pick(cot.CLOSING), "narration", y=x)
+    closing = w.pick(cot.CLOSING)
+    if c.restate == "quote":   # the question's last sentence too, so that the chain
+        closing = "\n" + sentences[-1] + " " + closing.lstrip("\n")   # ends where it does
+    w.text(closing, "narration", y=x)
     cot.pad_with_filler(w, max_essential=c.max_essential_share, max_core=c.max_core_share)
     spans = tuple(Span(*s) for s in w.spans)
     difficulty = Difficulty(
@@ -206,6 +218,41 @@ def generate_problem(seed: int, index: int, config: ArithmeticConfig | None = No
         n_checks=sum(s.kind == "check" for s in spans), n_dead_ends=sum(s.kind == "dead_end" for s in spans))
     return Problem(uid=f"arith-{seed}-{index}", question=" ".join(sentences), spans=spans,
                    answer=x, difficulty=difficulty)
+
+
+DRILL_CUE = {"add": "add", "sub": "subtract", "mul": "multiply by", "div": "divide by"}
+"""How a drill line names its step before the equation (``add 9: 36+09=45``)."""
+
+
+def drill_text(seed: int, index: int, config: ArithmeticConfig | None = None, *,
+               equations: int = 24) -> str:
+    """Drill ``index`` of the stream ``seed``: ``equations`` step equations, one per line.
+
+    Chains of steps drawn as the problems draw them (same operations, operands
+    and value range, written as the chains of thought write them, e.g.
+    ``add 9: 36+09=45``), restarting from a fresh start value every 2 to
+    ``max_steps`` steps. Each line names its operand before the equation, as a
+    chain of thought restates it before its equation, so the drills teach the
+    operand to be copied, not guessed. A small decoder trained from scratch meets arithmetic
+    only in the CoTs, a few equations per 200 tokens; the drills stand in for
+    the arithmetic a pretrained model brings to its reasoning SFT. A pure
+    function of (seed, index, config, equations).
+    """
+    c = config or ArithmeticConfig()
+    if isinstance(equations, bool) or not isinstance(equations, int) or equations < 1:
+        raise ValueError(f"equations must be a positive int, got {equations!r}")
+    rng = np.random.default_rng([int(seed), int(index), 7])
+    lines: list[str] = []
+    while len(lines) < equations:
+        x = int(rng.integers(2, c.max_start + 1))
+        for _ in range(int(rng.integers(min(2, c.max_steps), c.max_steps + 1))):
+            step = _draw_step(rng, x, c)
+            if step is None or len(lines) == equations:
+                break
+            lines.append(f"{DRILL_CUE[step.op]} {step.a}: "
+                         + cot.equation(step.x, cot.OPS[step.op], step.a, step.y, c.pad_width))
+            x = step.y
+    return "\n".join(lines)
 
 
 def generate_problems(seed: int, n: int, config: ArithmeticConfig | None = None, *,

@@ -52,6 +52,9 @@ RESTATE = {
     "div": ("{N} shares them among {a} friends, so I divide.",
             "{N} packs them into {a} bags, so I divide."),
 }
+QUOTE_OP = {"add": " So I add.", "sub": " So I subtract.", "mul": " So I multiply.",
+            "div": " So I divide."}
+"""After a quoted question sentence (``restate='quote'``): the operation it asks for."""
 START = "{N} has {v} {items}."
 ASK = ("How many {items} does {N} have now?", "How many {items} does {N} end up with?")
 OPENING = ("Okay, let me think.", "Alright, let me work it out.", "Let me figure this out.")
@@ -81,9 +84,19 @@ class Step(NamedTuple):
     variant: int
 
 
-def equation(x: int, op: str, a: int, y: int) -> str:
-    """Compact equation text, e.g. ``equation(322, '-', 57, 265) == '322-57=265'``."""
-    return f"{x}{op}{a}={y}"
+def equation(x: int, op: str, a: int, y: int, width: int = 0) -> str:
+    """Compact equation text, e.g. ``equation(322, '-', 57, 265) == '322-57=265'``.
+
+    ``width > 0`` writes every number with at least ``width`` digits, zero-padded
+    (``equation(36, '+', 9, 45, width=2) == '36+09=45'``): digits of one place
+    value then sit at fixed offsets from the operator and the ``=``, which is
+    how small transformers learn multi-digit arithmetic from far fewer examples
+    (Nogueira et al. 2021, arXiv 2102.13019; Lee et al. 2023, arXiv 2307.03381).
+    """
+    def num(v: int) -> str:
+        return str(v).zfill(width)
+
+    return f"{num(x)}{op}{num(a)}={num(y)}"
 
 
 _EQ = re.compile(r"^(\d+)([-+*/])(\d+)=(\d+)$")
@@ -116,9 +129,10 @@ def proxy_tokens(text: str) -> int:
 class ChainWriter:
     """Accumulates annotated spans; ``rng`` is a ``numpy.random.Generator``."""
 
-    def __init__(self, rng: np.random.Generator, fields: dict):
+    def __init__(self, rng: np.random.Generator, fields: dict, *, width: int = 0):
         self.rng = rng
         self.fields = fields
+        self.width = width   # digits per number in equations (see :func:`equation`)
         self.spans: list[tuple[str, int, bool, str]] = []
 
     def pick(self, options: tuple):
@@ -132,28 +146,35 @@ class ChainWriter:
         self.spans.append((body, level, True, kind))
 
 
-def _dead_end(step: Step) -> str | None:
+def _dead_end(step: Step, width: int) -> str | None:
     """A true equation of the wrong operation: + for - and *, - for + and / (if positive)."""
     x, a = step.x, step.a
     if step.op in ("sub", "mul"):
-        return equation(x, "+", a, x + a)
-    return equation(x, "-", a, x - a) if x > a else None
+        return equation(x, "+", a, x + a, width)
+    return equation(x, "-", a, x - a, width) if x > a else None
 
 
-def _check(step: Step) -> str:
+def _check(step: Step, width: int) -> str:
     x, a, y = step.x, step.a, step.y
-    return {"add": equation(y, "-", a, x), "sub": equation(y, "+", a, x),
-            "mul": equation(a, "*", x, y), "div": equation(y, "*", a, x)}[step.op]
+    return {"add": equation(y, "-", a, x, width), "sub": equation(y, "+", a, x, width),
+            "mul": equation(a, "*", x, y, width), "div": equation(y, "*", a, x, width)}[step.op]
 
 
 def write_step(w: ChainWriter, k: int, step: Step, *, p_hedge: float, p_check: float,
-               p_dead_end: float, p_result: float) -> bool:
-    """Append the spans of step ``k``; returns whether partial products were written."""
-    lead = w.pick(FIRST) if k == 0 else w.pick(LATER)
-    w.text("\n" + lead + RESTATE[step.op][step.variant], "restate", a=step.a)
+               p_dead_end: float, p_result: float, quote: str | None = None) -> bool:
+    """Append the spans of step ``k``; returns whether partial products were written.
+
+    ``quote``: the step's question sentence, restated word for word (then the
+    operation it asks for) instead of the paraphrase of :data:`RESTATE`.
+    """
+    if quote is not None:
+        w.spans.append(("\n" + quote + QUOTE_OP[step.op], FILLER, False, "restate"))
+    else:
+        lead = w.pick(FIRST) if k == 0 else w.pick(LATER)
+        w.text("\n" + lead + RESTATE[step.op][step.variant], "restate", a=step.a)
     if w.rng.random() < p_hedge:
         w.text(w.pick(HEDGES), "hedge")
-    wrong = _dead_end(step)
+    wrong = _dead_end(step, w.width)
     if wrong is not None and w.rng.random() < p_dead_end:
         before, after = w.pick(DEAD_END)
         w.text(before, "hedge")
@@ -164,16 +185,16 @@ def write_step(w: ChainWriter, k: int, step: Step, *, p_hedge: float, p_check: f
         tens, units = step.a - step.a % 10, step.a % 10
         w.text(SPLIT, "narration", a=step.a, T=tens, u=units)
         p, q = step.x * tens, step.x * units
-        w.eq(equation(step.x, "*", tens, p), level=SUPPORTING, kind="partial")
-        w.eq(equation(step.x, "*", units, q), level=SUPPORTING, kind="partial")
-        w.eq(equation(p, "+", q, step.y), level=SUPPORTING, kind="partial")
-    w.eq(equation(step.x, OPS[step.op], step.a, step.y), level=ESSENTIAL, kind="step")
+        w.eq(equation(step.x, "*", tens, p, w.width), level=SUPPORTING, kind="partial")
+        w.eq(equation(step.x, "*", units, q, w.width), level=SUPPORTING, kind="partial")
+        w.eq(equation(p, "+", q, step.y, w.width), level=SUPPORTING, kind="partial")
+    w.eq(equation(step.x, OPS[step.op], step.a, step.y, w.width), level=ESSENTIAL, kind="step")
     if w.rng.random() < p_result:
         w.text(w.pick(RESULT), "narration", y=step.y)
     if w.rng.random() < p_check:
         before, after = w.pick(CHECK)
         w.text("\n" + before.lstrip(" ") if w.spans[-1][3] == "step" else before, "hedge")
-        w.eq(_check(step), level=FILLER, kind="check", sep=" ")
+        w.eq(_check(step, w.width), level=FILLER, kind="check", sep=" ")
         w.text(after, "hedge")
     return partial
 

@@ -23,6 +23,7 @@ A tokenizer here is anything with the interface of ``data.tokenizers``:
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -109,10 +110,52 @@ def build_response(tokenizer: Any, cot_ids: Sequence[int], answer: str, *,
 
 
 class SFTExample(NamedTuple):
-    """One training sequence; ``loss_mask`` is True exactly on response tokens."""
+    """One training sequence; ``loss_mask`` is True exactly on response tokens
+    (float32 per-token loss weights after :func:`weight_equations`)."""
 
     ids: np.ndarray  # int32 [T]
-    loss_mask: np.ndarray  # bool [T]
+    loss_mask: np.ndarray  # bool [T], or float32 [T] weights
+
+
+EQUATION_TEXT = re.compile(r"\d+[-+*/]\d+=\d+")
+"""An equation as the chains of thought write it: ``36+09=45``."""
+
+
+def equation_token_mask(tokenizer: Any, ids: Sequence[int], *,
+                        pieces: Sequence[str] | None = None) -> np.ndarray:
+    """bool [len(ids)]: the tokens whose text lies inside an equation ``a op b = c``.
+
+    Each id is decoded on its own (``pieces``: the decoded text of every id,
+    ``tokenizer.decode([i])`` by default, to reuse across many calls) and the
+    equations are found in the concatenated text, so any CoT, reference or
+    generated, can be marked without its annotation.
+    """
+    ids = [int(i) for i in ids]
+    texts = [pieces[i] if pieces is not None else tokenizer.decode([i]) for i in ids]
+    ends = np.cumsum([len(t) for t in texts])
+    starts = ends - np.array([len(t) for t in texts], dtype=ends.dtype) if ids else ends
+    mask = np.zeros(len(ids), dtype=bool)
+    for m in EQUATION_TEXT.finditer("".join(texts)):
+        mask |= (starts < m.end()) & (ends > m.start())
+    return mask
+
+
+def weight_equations(example: SFTExample, mask: np.ndarray, weight: float) -> SFTExample:
+    """``example`` whose loss weighs the masked response tokens ``weight`` times the rest.
+
+    The loss stays a weighted mean (``models.training.masked_lm_loss`` divides by the
+    sum of the weights), so ``weight=1`` is plain SFT. Up-weighting the equations
+    spends more of each step's gradient on the tokens that carry the arithmetic, as
+    token-selective training does (Lin et al. 2024, "Rho-1", arXiv 2404.07965).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != example.ids.shape:
+        raise ValueError(f"mask of shape {mask.shape} for an example of shape {example.ids.shape}")
+    if not np.isfinite(weight) or weight <= 0:
+        raise ValueError(f"equation weight must be a finite number > 0, got {weight!r}")
+    w = example.loss_mask.astype(np.float32)
+    w[mask & example.loss_mask.astype(bool)] *= np.float32(weight)
+    return SFTExample(example.ids, w)
 
 
 def _example(prompt: list[int], response: list[int]) -> SFTExample:

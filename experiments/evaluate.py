@@ -28,12 +28,12 @@ import ml_collections
 import numpy as np
 
 from data.formats import POLICY
-from experiments import cli, rundir
+from experiments import cli, rundir, stats
 from experiments.datasets import read_questions
 from experiments.rollouts import answer_questions, place_model
 from models import sharding
 
-__all__ = ["method_plan", "results_table", "markdown_table", "difficulty_profile",
+__all__ = ["method_plan", "results_table", "markdown_table", "difficulty_profile", "strict_json",
            "evaluate", "STAGES", "main"]
 
 PLOT_FILES = ("accuracy_vs_actratio.png", "policy_difficulty.png")
@@ -59,6 +59,7 @@ def results_table(rows: Sequence[dict]) -> list[dict]:
     """One entry per (method, control) from per-question rows; ActRatio against 'base'.
 
     ``rows``: {method, control, correct, valid, think_length, ...} per question.
+    ``acc_ci`` is the 95% Wilson interval of the accuracy (experiments/stats.py).
     """
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -71,8 +72,10 @@ def results_table(rows: Sequence[dict]) -> list[dict]:
     for (method, control), group in groups.items():
         tokens = float(np.mean([r["think_length"] for r in group]))
         levels = [r["level"] for r in group if r["level"] is not None]
+        correct = sum(bool(r["correct"]) for r in group)
         table.append({"method": method, "control": control, "n": len(group),
-                      "accuracy": float(np.mean([r["correct"] for r in group])),
+                      "accuracy": correct / len(group),
+                      "acc_ci": list(stats.wilson_interval(correct, len(group))),
                       "valid": float(np.mean([r["valid"] for r in group])),
                       "think_tokens": tokens,
                       "act_ratio": tokens / base_tokens if base_tokens > 0 else float("nan"),
@@ -81,11 +84,13 @@ def results_table(rows: Sequence[dict]) -> list[dict]:
 
 
 def markdown_table(table: Sequence[dict]) -> str:
-    """The results as a Markdown table (accuracy in %, tokens rounded)."""
-    lines = ["| method | control | Acc (%) | Tokens | ActRatio | valid (%) | n |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    """The results as a Markdown table (accuracy in % with its 95% interval, tokens rounded)."""
+    lines = ["| method | control | Acc (%) | 95% CI | Tokens | ActRatio | valid (%) | n |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for t in table:
+        lo, hi = t["acc_ci"]
         lines.append(f"| {t['method']} | {t['control']} | {100 * t['accuracy']:.1f} | "
+                     f"{100 * lo:.1f}-{100 * hi:.1f} | "
                      f"{t['think_tokens']:.1f} | {t['act_ratio']:.3f} | "
                      f"{100 * t['valid']:.1f} | {t['n']} |")
     return "\n".join(lines)
@@ -113,14 +118,24 @@ def _plots(table: Sequence[dict], rows: Sequence[dict], out_dir: str, key: str) 
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
+
+    def bars(points):   # (x, acc, (lo, hi)) -> x, y and asymmetric 95% error bars, in %
+        x, y, ci = zip(*points)
+        err = [[100 * (a - lo) for a, (lo, _) in zip(y, ci)],
+               [100 * (hi - a) for a, (_, hi) in zip(y, ci)]]
+        return x, [100 * a for a in y], err
+
     for method, style in (("extra-cot", "o-"), ("tokenskip", "s--")):
-        pts = sorted((t["act_ratio"], 100 * t["accuracy"]) for t in table if t["method"] == method)
+        pts = sorted((t["act_ratio"], t["accuracy"], tuple(t["acc_ci"]))
+                     for t in table if t["method"] == method)
         if pts:
-            ax.plot(*zip(*pts), style, label=method)
+            x, y, err = bars(pts)
+            ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=method)
     for method, marker in (("base", "*"), ("policy-warm-start", "v"), ("chrpo", "D")):
         for t in table:
             if t["method"] == method:
-                ax.plot(t["act_ratio"], 100 * t["accuracy"], marker, markersize=10, label=method)
+                x, y, err = bars([(t["act_ratio"], t["accuracy"], tuple(t["acc_ci"]))])
+                ax.errorbar(x, y, yerr=err, fmt=marker, markersize=10, capsize=3, label=method)
     ax.set_xlabel("ActRatio (think tokens / base)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
@@ -185,11 +200,23 @@ def evaluate(config, run: rundir.Run, *, split: str = "test") -> dict:
     return {"rows": len(table), "plots": list(PLOT_FILES)}
 
 
+def strict_json(value):
+    """``value`` with every non-finite float replaced by None, so that it is strict JSON."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def _write_tables(out_dir: str, split: str, table: Sequence[dict], profiles: dict) -> None:
     """results.json and results.md (the caller writes on process 0 only)."""
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"split": split, "table": table, "policy_difficulty": profiles["chrpo"],
-                   "difficulty": profiles}, f, indent=2)
+        json.dump(strict_json({"split": split, "table": table,
+                               "policy_difficulty": profiles["chrpo"], "difficulty": profiles}),
+                  f, indent=2, allow_nan=False)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown_table(table) + "\n")
 

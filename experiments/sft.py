@@ -32,7 +32,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from data.formats import LEVELS, SFTExample, build_policy_example, build_sft_example
+from data.formats import (LEVELS, SFTExample, build_policy_example, build_sft_example,
+                          equation_token_mask, weight_equations)
 from experiments import cli, rundir
 from experiments.datasets import read_questions, sft_batch
 from experiments.metrics import MetricWriter, Progress
@@ -40,7 +41,8 @@ from models import sharding
 from models.checkpoint import CheckpointManager, abstract_tree
 from models.qwen3 import Qwen3
 from models.training import (check_finite_updates, create_train_state, make_optimizer,
-                             make_train_step, masked_lm_loss, merge_model)
+                             make_train_step, masked_lm_loss, merge_model,
+                             require_applied_updates)
 
 __all__ = ["lm_loss", "train_sft", "sft_base", "sft_mixed", "sft_policy", "sft_tokenskip",
            "STAGES", "main"]
@@ -102,7 +104,8 @@ def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collection
         sharding.estimate_memory(state, shardings, model.config, device_mesh, batch_size=rows,
                                  seq_len=block.max_length, num_microbatches=num_microbatches),
         mesh_shape=dict(device_mesh.shape)))
-    manager = CheckpointManager(os.path.join(stage_dir, "checkpoints"), max_to_keep=1,
+    # two kept: a corrupted latest checkpoint falls back to the one before (docs/reliability.md)
+    manager = CheckpointManager(os.path.join(stage_dir, "checkpoints"), max_to_keep=2,
                                 save_interval_steps=block.checkpoint_every)
     start = 0
     if manager.latest_step() is not None:
@@ -131,14 +134,27 @@ def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collection
             manager.save(block.steps, state, force=True)
     finally:
         manager.close()  # commits the last started save, also when a step failed
+    require_applied_updates(state, name=name)
     seconds = time.perf_counter() - t0
     return merge_model(graphdef, state), {
         "train_seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9),
         "final_loss": loss, "examples": len(examples)}
 
 
+def weighted_examples(tokenizer, examples: Sequence[SFTExample], weight: float
+                      ) -> list[SFTExample]:
+    """``examples`` with their equation tokens weighted ``weight`` in the loss
+    (``data.formats.weight_equations``); ``weight == 1`` returns them unchanged."""
+    if weight == 1:
+        return list(examples)
+    pieces = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+    return [weight_equations(e, equation_token_mask(tokenizer, e.ids, pieces=pieces), weight)
+            for e in examples]
+
+
 def _finish(run: rundir.Run, stage: str, model: Qwen3, examples, config, block) -> dict:
     stage_dir = run.stage_dir(stage)
+    examples = weighted_examples(run.tokenizer(), examples, float(block.get("equation_weight", 1.0)))
     micro = config.get("microbatches")
     model, stats = train_sft(model, examples, block, stage_dir=stage_dir, seed=config.seed,
                              name=stage, mesh=config.get("mesh"),
@@ -158,14 +174,39 @@ def _init(run: rundir.Run, config, block, tokenizer) -> Qwen3:
 
 # ----------------------------------------------------------------------------- stages
 
+def drill_examples(tokenizer, config) -> list[SFTExample]:
+    """``sft_base.drill_examples`` arithmetic drills (``data.arithmetic.drill_text``) as
+    plain-text examples with the loss on every token but the first; stream
+    ``data.seeds.drill``, so every seed of a study sees the same drills."""
+    from data.arithmetic import ArithmeticConfig, drill_text  # noqa: PLC0415
+
+    block = config.sft_base
+    n = int(block.get("drill_examples", 0))
+    if n == 0:
+        return []
+    arith = ArithmeticConfig(**config.data.arithmetic.to_dict())
+    out = []
+    for i in range(n):
+        ids = np.asarray(tokenizer.encode(drill_text(config.data.seeds.drill, i, arith,
+                                                     equations=block.drill_equations)) +
+                         [tokenizer.eos_id], np.int32)
+        mask = np.ones(ids.shape, bool)
+        mask[0] = False
+        out.append(SFTExample(ids, mask))
+    return out
+
+
 def sft_base(config, run: rundir.Run) -> dict:
-    """Base reasoning model: full reference CoTs, base mode."""
+    """Base reasoning model: full reference CoTs, base mode (plus arithmetic drills
+    when ``sft_base.drill_examples > 0``)."""
     tok = run.tokenizer()
     questions = read_questions(run.path("data", "sft.jsonl"))
     examples = [build_sft_example(tok, q.question, tok.encode(q.cot), q.answer_text)
                 for q in questions]
+    drills = drill_examples(tok, config)
     model = _init(run, config, config.sft_base, tok)
-    return _finish(run, "sft_base", model, examples, config, config.sft_base)
+    stats = _finish(run, "sft_base", model, examples + drills, config, config.sft_base)
+    return {**stats, "drill_examples": len(drills)}
 
 
 def _level_examples(run: rundir.Run, tok, data_file: str) -> list[SFTExample]:

@@ -4,8 +4,8 @@
 
 The embedded default (default.py) with the settings of the first full run:
 harder problems (up to 4 operations, start values up to 30), more data and
-more training (base SFT 1,500 steps, mixed-ratio and TokenSkip-style SFT 650
-steps of 4,096 tokens, more tokens than the default's 1,200 x 2,048, 20 RL
+more training (base SFT 1,500 steps of 4,096 tokens, mixed-ratio and
+TokenSkip-style SFT 650 steps of 4,096 tokens, more tokens than the default's 1,000 x 2,048, 20 RL
 steps). It costs more than the 15-minute budget of the default on 2 cores;
 docs/results.md reports both runs.
 
@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.run_dir = "runs/long"
     c.data.arithmetic.update({"max_steps": 4, "max_start": 30})
     c.data.sizes.update({"sft": 10000, "rl": 512})
-    for name, steps, batch_tokens in (("sft_base", 1500, 2048), ("sft_mixed", 650, 4096),
+    for name, steps, batch_tokens in (("sft_base", 1500, 4096), ("sft_mixed", 650, 4096),
                                       ("sft_policy", 60, 4096), ("sft_tokenskip", 650, 4096)):
         c[name].steps = steps   # a FieldReference: the cosine schedule's length follows
         c[name].batch_tokens = batch_tokens

@@ -213,3 +213,57 @@ def test_tokenizer_corpus_covers_the_chat_template(problems):
     assert len(texts) == 8 and all(t.startswith("<|im_start|>user\n") for t in texts)
     assert any("<COMP_POLICY>" in t for t in texts) and any("<COMP_20>" in t for t in texts)
     assert dataclasses.is_dataclass(problems[0]) and problems[0].cot in texts[0]
+
+
+def test_pad_width_zero_pads_every_equation_number():
+    c = ArithmeticConfig(max_steps=3, max_digits=2, max_operand=11, max_start=20, pad_width=2)
+    plain = ArithmeticConfig(max_steps=3, max_digits=2, max_operand=11, max_start=20)
+    for i in range(50):
+        p, q = generate_problems(5, i + 1, c)[-1], generate_problems(5, i + 1, plain)[-1]
+        assert p.answer == q.answer and p.question == q.question
+        for s in p.spans:
+            if s.is_equation:
+                assert check_equation(s.text), s.text
+                assert all(len(n) >= 2 for n in re.findall(r"\d+", s.text)), s.text
+    from data.arithmetic_cot import equation
+    assert equation(36, "+", 9, 45, width=2) == "36+09=45"
+    assert equation(322, "-", 57, 265, width=2) == "322-57=265"     # never truncated
+    with pytest.raises(ValueError, match="pad_width"):
+        ArithmeticConfig(pad_width=7)
+
+
+def test_drills_are_true_equations_of_the_task_distribution():
+    from data.arithmetic import DRILL_CUE, drill_text
+    c = ArithmeticConfig(max_steps=3, max_digits=2, max_operand=11, max_start=20, pad_width=2)
+    text = drill_text(50, 3, c, equations=30)
+    assert text == drill_text(50, 3, c, equations=30)             # a pure function
+    lines = text.split("\n")
+    assert len(lines) == 30
+    for line in lines:
+        cue, eq = line.split(": ")
+        word, operand = cue.rsplit(" ", 1)
+        assert word in DRILL_CUE.values() and check_equation(eq), line
+        assert int(re.match(r"\d+[-+*/](\d+)=", eq).group(1)) == int(operand)
+        assert all(int(n) < 100 for n in re.findall(r"\d+", eq))
+    with pytest.raises(ValueError, match="equations"):
+        drill_text(50, 0, c, equations=0)
+
+
+def test_quote_mode_restates_each_question_sentence_verbatim():
+    from data.arithmetic_cot import shares
+    c = ArithmeticConfig(max_steps=3, max_digits=2, max_operand=11, max_start=20,
+                         pad_width=2, restate="quote")
+    for p in generate_problems(8, 40, c):
+        sentences = re.findall(r"[^.?]+[.?]", p.question)
+        sentences = [s.strip() for s in sentences]
+        steps = sentences[1:-1]
+        restated = [s.text for s in p.spans if s.kind == "restate" and "So I " in s.text]
+        assert len(restated) == len(steps) == p.difficulty.n_steps
+        for sentence, text in zip(steps, restated):
+            assert text.startswith("\n" + sentence + " So I "), (sentence, text)
+        last = [s for s in p.spans if s.kind == "narration"][-1]
+        assert last.text.startswith("\n" + sentences[-1] + " ") and str(p.answer) in last.text
+        ess, core, _ = shares([(s.text, s.level, s.is_equation, s.kind) for s in p.spans])
+        assert ess <= c.max_essential_share and core <= c.max_core_share
+    with pytest.raises(ValueError, match="restate"):
+        ArithmeticConfig(restate="verbatim")

@@ -131,3 +131,31 @@ def test_parse_never_raises_on_garbage(tok, data):
     assert not parsed.valid or (parsed.think_closed and parsed.answer is not None)
     assert not parsed.control_first or parsed.level is not None
     assert all(0 <= i < tok.vocab_size for i in parsed.think_ids)
+
+
+def test_equation_token_mask_marks_exactly_the_equations(tok):
+    text = "Then 5 more.\n36+09=45\nSo 45 now, 2+3 is not an equation."
+    ids = tok.encode(text)
+    mask = F.equation_token_mask(tok, ids)
+    marked = "".join(tok.decode([i]) for i, m in zip(ids, mask) if m)
+    assert marked == "36+09=45"
+    pieces = [tok.decode([i]) for i in range(tok.vocab_size)]
+    assert np.array_equal(F.equation_token_mask(tok, ids, pieces=pieces), mask)
+    assert F.equation_token_mask(tok, []).shape == (0,)
+
+
+def test_weight_equations_scales_response_equations_only(tok, problem):
+    ex = F.build_sft_example(tok, "What is 2+3=5?", tok.encode(problem.cot), problem.answer_text)
+    mask = F.equation_token_mask(tok, ex.ids)
+    assert mask[~ex.loss_mask].any()           # the prompt's "2+3=5" is an equation too
+    w = F.weight_equations(ex, mask, 4.0)
+    assert w.loss_mask.dtype == np.float32
+    assert np.all(w.loss_mask[~ex.loss_mask] == 0)                  # prompt: still no loss
+    assert np.all(w.loss_mask[ex.loss_mask & mask] == 4.0)
+    assert np.all(w.loss_mask[ex.loss_mask & ~mask] == 1.0)
+    assert np.array_equal(F.weight_equations(ex, mask, 1.0).loss_mask, ex.loss_mask.astype(np.float32))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="equation weight"):
+            F.weight_equations(ex, mask, bad)
+    with pytest.raises(ValueError, match="shape"):
+        F.weight_equations(ex, mask[:-1], 2.0)

@@ -30,6 +30,24 @@ def test_results_table_hand_computed():
     pol = table[("chrpo", "<COMP_POLICY>")]
     assert pol["valid"] == 0.5 and pol["mean_level"] == 40.0
     assert pol["act_ratio"] == pytest.approx(45 / 150)
+    lo, hi = base["acc_ci"]                        # 1 of 2 correct, Wilson 95%
+    assert lo < 0.5 < hi and lo == pytest.approx(0.0945, abs=1e-4)
+
+
+def test_results_json_is_strict(tmp_path):
+    import json
+
+    from experiments.evaluate import _write_tables
+    rows = [row("base", "-", True, 0), row("base", "-", False, 0)]   # 0 base tokens: no ratio
+    table = results_table(rows)
+    assert table[0]["act_ratio"] != table[0]["act_ratio"]            # NaN in memory
+    _write_tables(str(tmp_path), "test", table, {"chrpo": [], "base": []})
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    with open(tmp_path / "results.json") as f:
+        out = json.load(f, parse_constant=refuse)
+    assert out["table"][0]["act_ratio"] is None and out["table"][0]["mean_level"] is None
 
 
 def test_results_table_needs_base():
@@ -41,7 +59,8 @@ def test_markdown_has_one_line_per_method_and_level():
     text = markdown_table(results_table(ROWS))
     lines = text.splitlines()
     assert len(lines) == 2 + 3
-    assert "| extra-cot | <COMP_20> | 100.0 | 30.0 | 0.200 | 100.0 | 2 |" in lines
+    # 2 of 2 correct: Wilson interval [2 / (2 + z^2), 1] = [34.2%, 100%]
+    assert "| extra-cot | <COMP_20> | 100.0 | 34.2-100.0 | 30.0 | 0.200 | 100.0 | 2 |" in lines
 
 
 def test_difficulty_profile():

@@ -28,6 +28,13 @@ def parse(*overrides, config=TEST_CONFIG):
     ("--config.rl.temperature=0", "rl.temperature"),
     ("--config.compressor.train.steps=0", "compressor.train.steps"),
     ("--config.stage=sft,rl", "stage"),
+    # issue 25: before any work, not a traceback after the data stage
+    ("--config.model.num_kv_heads=3", "model.num_kv_heads"),
+    ("--config.model.dtype=float17", "model.dtype"),
+    ("--config.model.head_dim=15", "model.head_dim"),
+    ("--config.rl.lagrange_step_size=inf", "rl.lagrange_step_size"),
+    ("--config.rl.temperature=inf", "rl.temperature"),
+    ("--config.sft_base.equation_weight=0", "sft_base.equation_weight"),
 ])
 def test_invalid_values_are_rejected_naming_the_key(override, key):
     with pytest.raises(cli.ConfigError, match=f"'{key}'"):

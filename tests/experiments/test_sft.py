@@ -114,3 +114,62 @@ def test_zero_steps_keeps_the_model(tok, examples, tmp_path):
     same, stats = sft.train_sft(model, examples, block(0, 1), stage_dir=str(tmp_path), seed=0,
                                 name="t")
     assert same is model and stats["train_seconds"] == 0.0
+
+
+def test_weighted_examples_reach_the_batch_and_the_loss():
+    """Equation weights make the batch's loss_mask float and the loss a weighted mean."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from data.arithmetic import generate_problems, tokenizer_corpus
+    from data.formats import build_sft_example
+    from data.tokenizers import train_sentencepiece
+    from experiments.datasets import sft_batch
+    from experiments.sft import weighted_examples
+    from models.training import masked_lm_loss
+
+    tok = train_sentencepiece(tokenizer_corpus(generate_problems(11, 200)), vocab_size=400)
+    examples = [build_sft_example(tok, p.question, tok.encode(p.cot), p.answer_text)
+                for p in generate_problems(3, 4)]
+    assert weighted_examples(tok, examples, 1.0) == examples
+    heavy = weighted_examples(tok, examples, 3.0)
+    args = dict(step=0, seed=0, batch_tokens=2048, bucket=128, max_length=512)
+    plain, weighted = sft_batch(examples, **args), sft_batch(heavy, **args)
+    assert plain["loss_mask"].dtype == bool and weighted["loss_mask"].dtype == np.float32
+    assert set(np.unique(weighted["loss_mask"])) == {0.0, 1.0, 3.0}
+    # uniform logits: every token costs log V, so the weighted mean is log V as well,
+    # while the denominator counts equation tokens three times
+    logits = jnp.zeros(plain["tokens"].shape + (tok.vocab_size,))
+    s0, d0 = masked_lm_loss(logits, plain["tokens"], plain["loss_mask"])
+    s1, d1 = masked_lm_loss(logits, weighted["tokens"], weighted["loss_mask"])
+    n_eq = float((weighted["loss_mask"][:, 1:] == 3.0).sum())
+    assert float(d1) == float(d0) + 2 * n_eq and n_eq > 0
+    assert float(s1 / d1) == pytest.approx(float(s0 / d0), rel=1e-6)
+
+
+def test_drill_examples_follow_the_config():
+    from experiments import cli
+    from experiments.sft import drill_examples
+
+    config = cli.parse(["--config=experiments/configs/test.py", "--config.sft_base.drill_examples=3",
+                        "--config.sft_base.drill_equations=5"])
+    tok = train_sentencepiece(tokenizer_corpus(generate_problems(11, 200)), vocab_size=400)
+    drills = drill_examples(tok, config)
+    assert len(drills) == 3
+    for ex in drills:
+        assert ex.ids[-1] == tok.eos_id and not ex.loss_mask[0] and ex.loss_mask[1:].all()
+        assert tok.decode(list(ex.ids[:-1])).count("=") == 5
+    off = cli.parse(["--config=experiments/configs/test.py"])
+    assert drill_examples(tok, off) == []
+    with pytest.raises(cli.ConfigError, match="sft_base.drill_examples"):
+        cli.parse(["--config=experiments/configs/test.py", "--config.sft_base.drill_examples=-1"])
+
+
+def test_sft_keeps_two_checkpoints(straight):
+    """A corrupted latest checkpoint can fall back to the step before (issue 25)."""
+    import os
+
+    from models.checkpoint import CheckpointManager
+    _, _, d = straight
+    with CheckpointManager(os.path.join(d, "checkpoints"), max_to_keep=2) as manager:
+        assert manager.all_steps() == [3, 6]
