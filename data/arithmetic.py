@@ -47,6 +47,7 @@ from data.arithmetic_cot import ESSENTIAL, FILLER, SUPPORTING, check_equation  #
 from data.compression import PROTECT_RATIOS, importance_scores
 
 SPAN_KINDS = cot.EQUATION_KINDS + cot.TEXT_KINDS
+RESTATE_MODES = ("paraphrase", "quote_steps", "quote")
 FILLER_SUB_RANK = {"restate": 2, "narration": 1}
 """Order inside the filler level: restatements (the question's givens), then
 result narration, then hedges, checks and dead ends (0)."""
@@ -71,7 +72,8 @@ class ArithmeticConfig:
     max_core_share: float = 0.38
     pad_width: int = 0           # digits per number in equations, zero-padded (0: as is)
     restate: str = "paraphrase"  # 'quote': each step restates its question sentence verbatim,
-                                 # and the closing line the question's last sentence
+                                 # and the closing line the question's last sentence;
+                                 # 'quote_steps': the steps only (closing as in 'paraphrase')
 
     def __post_init__(self):
         def bad(name, why):
@@ -91,8 +93,8 @@ class ArithmeticConfig:
         if isinstance(self.pad_width, bool) or not isinstance(self.pad_width, int) \
                 or not 0 <= self.pad_width <= 6:
             bad("pad_width", "must be an int in [0, 6] (0: numbers as they are)")
-        if self.restate not in ("paraphrase", "quote"):
-            bad("restate", "must be 'paraphrase' or 'quote'")
+        if self.restate not in RESTATE_MODES:
+            bad("restate", f"must be one of {RESTATE_MODES}")
         if not 2 <= self.max_digits <= 6:
             bad("max_digits", "must lie in [2, 6]")
         if self.max_operand < 11 or self.max_start < 2:
@@ -201,7 +203,7 @@ def generate_problem(seed: int, index: int, config: ArithmeticConfig | None = No
     w = cot.ChainWriter(rng, fields, width=c.pad_width)
     w.text(w.pick(cot.OPENING), "hedge")
     w.text(cot.START_RESTATE, "restate")
-    quotes = sentences[1:1 + n_steps] if c.restate == "quote" else [None] * n_steps
+    quotes = sentences[1:1 + n_steps] if c.restate != "paraphrase" else [None] * n_steps
     partials = sum(cot.write_step(w, k, st, p_hedge=c.p_hedge, p_check=c.p_check,
                                   p_dead_end=c.p_dead_end, p_result=c.p_result, quote=quotes[k])
                    for k, st in enumerate(steps))

@@ -32,6 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from data.arithmetic import ArithmeticConfig, drill_text
 from data.formats import (LEVELS, SFTExample, build_policy_example, build_sft_example,
                           equation_token_mask, weight_equations)
 from experiments import cli, rundir
@@ -178,8 +179,6 @@ def drill_examples(tokenizer, config) -> list[SFTExample]:
     """``sft_base.drill_examples`` arithmetic drills (``data.arithmetic.drill_text``) as
     plain-text examples with the loss on every token but the first; stream
     ``data.seeds.drill``, so every seed of a study sees the same drills."""
-    from data.arithmetic import ArithmeticConfig, drill_text  # noqa: PLC0415
-
     block = config.sft_base
     n = int(block.get("drill_examples", 0))
     if n == 0:

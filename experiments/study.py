@@ -259,7 +259,11 @@ def plot(report: Mapping, path: str) -> str:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{len(report['seeds'])} seeds, {report['n_test']} test problems each")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:   # e.g. a base model with no think tokens: no ActRatio to place a point at
+        ax.text(0.5, 0.5, "nothing to draw: no method has an ActRatio", ha="center",
+                va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

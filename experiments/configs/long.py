@@ -5,9 +5,12 @@
 The embedded default (default.py) with the settings of the first full run:
 harder problems (up to 4 operations, start values up to 30), more data and
 more training (base SFT 1,500 steps of 4,096 tokens, mixed-ratio and
-TokenSkip-style SFT 650 steps of 4,096 tokens, more tokens than the default's 1,000 x 2,048, 20 RL
-steps). It costs more than the 15-minute budget of the default on 2 cores;
-docs/results.md reports both runs.
+TokenSkip-style SFT 650 steps of 4,096 tokens, more tokens than the default's
+1,000 x 2,048, 20 RL steps). It costs more than the 15-minute budget of the
+default on 2 cores; docs/results.md reports both runs (runs/final with the base
+SFT of that time, 1,500 x 2,048 tokens, and the paraphrased CoT:
+--config.sft_base.batch_tokens=2048 --config.sft_base.equation_weight=1
+--config.data.arithmetic.pad_width=0 --config.data.arithmetic.restate=paraphrase).
 
 runs/final was made with the settings of that time: mixed-ratio and
 TokenSkip-style SFT of 500 steps, RL learning rate 2e-4 and level-bonus width

@@ -24,6 +24,7 @@ from data.arithmetic import ArithmeticConfig
 from data.formats import LEVELS
 from experiments import cli
 from experiments.configs import compressor as compressor_configs
+from experiments.rundir import model_config
 from models.qwen3 import DTYPES
 from models.training import default_optimizer_config, make_optimizer
 
@@ -75,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     # raised the base model most on validation (docs/results.md, "The base model")
     d.arithmetic = ml_collections.ConfigDict({
         "max_steps": 3, "max_digits": 2, "max_operand": 11, "max_start": 20,
-        "op_weights": (1.0, 1.0, 0.3, 0.3), "pad_width": 2, "restate": "quote"})
+        "op_weights": (1.0, 1.0, 0.3, 0.3), "pad_width": 2, "restate": "quote_steps"})
     d.tokenizer_path = ""         # '' -> train SentencePiece on tokenizer_problems problems
     d.vocab_size = 768
     d.tokenizer_problems = 2000
@@ -183,8 +184,6 @@ def _positive_int(config, key: str) -> None:
 def _check_model(config: ml_collections.ConfigDict) -> None:
     """Build the fresh decoder's Qwen3Config (vocabulary: data.vocab_size); its error
     names the field, reported here as the ``model.<field>`` key."""
-    from experiments.rundir import model_config  # noqa: PLC0415 (rundir loads the model stack)
-
     try:
         model_config(config.model, config.data.vocab_size)
     except (TypeError, ValueError) as err:

@@ -265,5 +265,9 @@ def test_quote_mode_restates_each_question_sentence_verbatim():
         assert last.text.startswith("\n" + sentences[-1] + " ") and str(p.answer) in last.text
         ess, core, _ = shares([(s.text, s.level, s.is_equation, s.kind) for s in p.spans])
         assert ess <= c.max_essential_share and core <= c.max_core_share
+    steps_only = ArithmeticConfig(max_steps=3, max_digits=2, max_operand=11, max_start=20,
+                                  pad_width=2, restate="quote_steps")
+    p = generate_problems(8, 1, steps_only)[0]
+    assert not [s for s in p.spans if s.kind == "narration"][-1].text.startswith("\nHow many")
     with pytest.raises(ValueError, match="restate"):
         ArithmeticConfig(restate="verbatim")

@@ -79,3 +79,9 @@ def test_paired_inputs_checked():
         stats.paired_bootstrap([0.5, 1], [1, 1])
     with pytest.raises(ValueError, match="samples"):
         stats.paired_bootstrap([1], [1], samples=10)
+
+
+def test_docstring_examples_run():
+    import doctest
+    failures, tried = doctest.testmod(stats)
+    assert tried >= 2 and failures == 0
