@@ -80,7 +80,9 @@ def _key(row: Mapping) -> tuple:
 
 
 def summarise(rows: Sequence[dict]) -> list[dict]:
-    """Mean over seeds per (method, control, budget), with Student-t 95% intervals."""
+    """Mean over seeds per (method, control, budget), with Student-t 95% intervals
+    (an accuracy's clipped to [0, 1], a ratio's to >= 0: a few seeds far apart give a
+    t-interval wider than the range it lives in)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(_key(r), []).append(r)
@@ -94,9 +96,10 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
         ratio = stats.mean_interval(ratios) if ratios else (None, None, None)
         out.append({"method": method, "control": control, "budget": budget,
                     "seeds": [r["seed"] for r in group], "acc_by_seed": accs,
-                    "acc_mean": acc, "acc_ci": [acc_lo, acc_hi],
+                    "acc_mean": acc, "acc_ci": [max(0.0, acc_lo), min(1.0, acc_hi)],
                     "acc_spread": max(accs) - min(accs),
-                    "act_ratio_mean": ratio[0], "act_ratio_ci": [ratio[1], ratio[2]],
+                    "act_ratio_mean": ratio[0],
+                    "act_ratio_ci": [None if ratio[1] is None else max(0.0, ratio[1]), ratio[2]],
                     "tokens_mean": float(np.mean([r["tokens"] for r in group]))})
     return out
 

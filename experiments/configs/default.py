@@ -2,9 +2,12 @@
 
     python -m experiments.pipeline          # this config (docs/results.md)
 
-13 min 16 s wall (1,382 CPU-s) on 2 quiet CPU cores (docs/results.md, "Time
-per stage"), with mixed / TokenSkip-style SFT of 1,200 steps, the RL learning
-rate 5e-5 and the level-bonus width 0.4 chosen on the validation split.
+14 min 38 s wall (seed 1 of the study, alone on 2 CPU cores; docs/results.md,
+"Time per stage"), evaluated on 1,000 test problems. The chains of thought
+zero-pad their equations and quote each step's question sentence; base SFT
+weights equation tokens 4x (docs/results.md, "The base model"); the RL
+learning rate 5e-5 and the level-bonus width 0.4 were chosen on the
+validation split in session 5.
 
 Sizes and step counts were cut to the 15-minute budget on 2 CPU cores from
 measured CPU time (docs/results.md): a 2-layer, 128-wide decoder (~0.5M

@@ -1,6 +1,6 @@
 """The multi-seed study (experiments/study.py): the embedded default once per seed.
 
-    python -m experiments.study                                   # seeds 0, 1, 2
+    python -m experiments.study                                   # seeds 0, 1, 2 (48 min)
     python -m experiments.study --config.study.seeds=0,1,2,3,4
     python -m experiments.study --config=experiments/configs/study.py:test   # CI sizes
 

@@ -55,6 +55,10 @@ def test_summary_is_the_mean_over_seeds(report):
     assert base["acc_ci"] == [pytest.approx(lo), pytest.approx(hi)]
     assert base["acc_spread"] == pytest.approx(max(accs) - min(accs))
     assert report["targets"]["base_acc_mean"] == pytest.approx(mean)
+    far = study.summarise([{"seed": s, "method": "base", "control": "-", "budget": None,
+                            "acc": a, "act_ratio": 1.0, "tokens": 1.0}
+                           for s, a in enumerate((0.05, 0.9, 0.95))])[0]
+    assert far["acc_ci"][0] == 0.0 and far["acc_ci"][1] == 1.0      # clipped to [0, 1]
 
 
 def test_paired_tests_use_the_same_questions(report):
