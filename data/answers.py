@@ -129,6 +129,12 @@ _SHORT_SECOND = re.compile(r"\\frac\s*(\{(?:[^{}]|\{[^{}]*\})*\})\s*(\d|\\[A-Za-
 _PERCENT = re.compile(r"\s*\\?%\s*$")
 _TEXT = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _UNIT_TEXT = re.compile(_TEXT.pattern + r"(?:\s*\^\s*(?:\{\d\}|\d))?")   # 5\text{cm}^2
+# only trailing text groups are units: a \text between numbers is words (5\text{or}6 is not 56)
+_TRAILING_UNIT_TEXT = re.compile(r"(?:\s*" + _UNIT_TEXT.pattern + r")+\s*$")
+_NOT_UNITS = frozenset({"or", "and", "nor", "not", "more", "less", "than", "at", "least", "most",
+                        "to", "about", "over", "under", "either", "neither", "plus", "minus",
+                        "times", "only", "no", "none", "or more", "approximately"})
+"""Words after a number that change its meaning, so they are never read as its unit."""
 _ASSIGN = re.compile(r"\s*(?:[A-Za-z](?:_\{?\w+\}?)?|\\[A-Za-z]+)\s*=\s*(?P<rhs>[^=]+)")
 _UNIT = r"[A-Za-z]{2,}(?:\^\{?\d\}?)?\.?"   # a unit word: cm, cm^2, sq., dollars
 _UNIT_WORDS = re.compile(rf"(?P<head>.*?[\d}}.)])(?:\s+{_UNIT})+\s*")   # words need spaces between
@@ -180,8 +186,10 @@ def _element(e: str, percent: bool) -> tuple:
     e = e.strip()
     if not e:
         raise NotANumber("empty item")
-    no_text, unwrapped = _UNIT_TEXT.sub("", e).strip(), _TEXT.sub(r"\1", e).strip()
+    no_text, unwrapped = _TRAILING_UNIT_TEXT.sub("", e).strip(), _TEXT.sub(r"\1", e).strip()
     unit = _UNIT_WORDS.fullmatch(no_text)
+    if unit and any(w.lower().rstrip(".") in _NOT_UNITS for w in no_text[unit.end("head"):].split()):
+        unit = None   # "2 or more" is not 2 with a unit
     for candidate in (no_text, unwrapped, unit["head"] if unit else ""):
         if candidate:
             try:
@@ -301,4 +309,16 @@ def is_equivalent(pred: str | None, gold: str) -> bool:
     if a is None:
         return False
     b = _parse(gold)
-    return b is not None and _equal(a, b)
+    if b is None:
+        return False
+    names = _assigned_name(pred), _assigned_name(gold)
+    if None not in names and names[0] != names[1]:
+        return False   # x = 3 does not answer y = 3
+    return _equal(a, b)
+
+
+def _assigned_name(s: str) -> str | None:
+    """The left side of a whole-answer assignment ``x = ...`` (spaces dropped), else None."""
+    cleaned = _clean(s)
+    m = _ASSIGN.fullmatch(cleaned[0]) if cleaned else None
+    return None if m is None else re.sub(r"\s+", "", cleaned[0][:m.start("rhs")]).rstrip("=")

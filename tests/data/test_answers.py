@@ -176,3 +176,24 @@ def test_fuzz_square_roots_reduce_exactly(a, b):
         assert radicand > 1 and _square_free(radicand) and b % radicand == 0
     else:
         assert int(canonical) ** 2 == a * a * b
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("5\\text{or}6", "56"),          # issue 25: a \text between numbers never merges them
+    ("3\\text{ or }-3", "0"),
+    ("2 \\text{ or } (3)", "6"),
+    ("\\text{not } 5", "5"),         # words before the number are not decoration
+    ("2 or more", "2"),              # "or more" is not a unit
+    ("at least 4", "4"),
+    ("x = 3", "y=3"),                # an answer for another variable
+])
+def test_text_and_words_that_change_the_answer_are_not_dropped(pred, gold):
+    assert not is_equivalent(pred, gold)
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("5\\text{ cm}", "5"), ("5\\text{cm}^2", "5"), ("12 dollars", "12"), ("x = 3", "x=3"),
+    ("x=3", "3"), ("3", "y = 3"), ("\\text{(B)}", "B"),
+])
+def test_units_and_assignments_still_match(pred, gold):
+    assert is_equivalent(pred, gold)
