@@ -222,4 +222,8 @@ def test_tier_order_holds_for_any_valid_coefficients(coefs, seed, lam, has_targe
     bounds = chrpo.tier_bounds(chrpo.RewardConfig(**coefs))
     for t in present:
         lo, hi = bounds[chrpo.TIER_NAMES[t]]
-        assert lo <= reward[tiers == t].min() and reward[tiers == t].max() <= hi
+        # the bounds are exact sums of the coefficients; the rewards are float32 sums of
+        # the same terms, so they may sit a few float32 ulps outside (r_correct 0.96875,
+        # b_cal 1.08900390625: 1.9687499 against 1.96875)
+        slack = 4 * float(np.finfo(np.float32).eps) * max(1.0, abs(lo), abs(hi))
+        assert lo - slack <= reward[tiers == t].min() and reward[tiers == t].max() <= hi + slack
