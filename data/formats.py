@@ -117,8 +117,8 @@ class SFTExample(NamedTuple):
     loss_mask: np.ndarray  # bool [T], or float32 [T] weights
 
 
-EQUATION_TEXT = re.compile(r"\d+[-+*/]\d+=\d+")
-"""An equation as the chains of thought write it: ``36+09=45``."""
+EQUATION_TEXT = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
+"""An equation as the chains of thought write it: ``36+09=45`` (groups x, op, a, y)."""
 
 
 def equation_token_mask(tokenizer: Any, ids: Sequence[int], *,

@@ -31,27 +31,26 @@ import sys
 from collections.abc import Sequence
 
 from data.answers import is_equivalent
-from data.formats import LEVELS, build_prompt, parse_response
+from data.formats import EQUATION_TEXT, LEVELS, build_prompt, parse_response
 from experiments import rundir
 from experiments.datasets import read_questions
 
 __all__ = ["step_equations", "restated_steps", "first_error", "classify_responses",
            "restatement_profile", "main"]
 
-_LINE_EQ = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
 _RESTATE = re.compile(r"[Ss]o I (add|subtract|multiply|divide)")
 
 
 def step_equations(cot: str) -> list[tuple[str, str, str, str]]:
     """(x, op, a, y) of every line that is exactly one equation: the chain's steps."""
-    return [m.groups() for line in cot.split("\n") if (m := _LINE_EQ.fullmatch(line.strip()))]
+    return [m.groups() for line in cot.split("\n") if (m := EQUATION_TEXT.fullmatch(line.strip()))]
 
 
 def restated_steps(cot: str) -> list[bool]:
     """Per step equation: a restatement phrase stands between it and the step before."""
     out, seen = [], False
     for line in cot.split("\n"):
-        if _LINE_EQ.fullmatch(line.strip()):
+        if EQUATION_TEXT.fullmatch(line.strip()):
             out.append(seen)
             seen = False
         elif _RESTATE.search(line):

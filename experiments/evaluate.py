@@ -33,7 +33,7 @@ from experiments.datasets import read_questions
 from experiments.rollouts import answer_questions, place_model
 from models import sharding
 
-__all__ = ["method_plan", "results_table", "markdown_table", "difficulty_profile", "strict_json",
+__all__ = ["method_plan", "results_table", "markdown_table", "difficulty_profile",
            "evaluate", "STAGES", "main"]
 
 PLOT_FILES = ("accuracy_vs_actratio.png", "policy_difficulty.png")
@@ -200,21 +200,10 @@ def evaluate(config, run: rundir.Run, *, split: str = "test") -> dict:
     return {"rows": len(table), "plots": list(PLOT_FILES)}
 
 
-def strict_json(value):
-    """``value`` with every non-finite float replaced by None, so that it is strict JSON."""
-    if isinstance(value, float):
-        return value if np.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
-
-
 def _write_tables(out_dir: str, split: str, table: Sequence[dict], profiles: dict) -> None:
     """results.json and results.md (the caller writes on process 0 only)."""
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(strict_json({"split": split, "table": table,
+        json.dump(rundir.strict_json({"split": split, "table": table,
                                "policy_difficulty": profiles["chrpo"], "difficulty": profiles}),
                   f, indent=2, allow_nan=False)
     with open(os.path.join(out_dir, "results.md"), "w") as f:

@@ -38,7 +38,7 @@ from models import sharding
 from models.checkpoint import CheckpointManager, local_target
 from models.qwen3 import Qwen3, Qwen3Config
 
-__all__ = ["DONE_FILE", "Run", "model_config", "build_model", "export_model", "load_model",
+__all__ = ["DONE_FILE", "Run", "strict_json", "model_config", "build_model", "export_model", "load_model",
            "read_jsonl", "write_jsonl", "run_stage"]
 
 DONE_FILE = "done.json"
@@ -71,8 +71,7 @@ class Run:
         if not sharding.is_main_process():
             return
         path = self.path(stage, DONE_FILE)
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for k, v in summary.items()}
+        clean = strict_json(summary)
         with open(path + ".tmp", "w") as f:
             json.dump(clean, f, indent=2, sort_keys=True, allow_nan=False)
         os.replace(path + ".tmp", path)
@@ -85,6 +84,17 @@ class Run:
             if os.path.exists(self.path("data", name)):
                 return self.path("data", name)
         raise FileNotFoundError(f"no tokenizer in {self.path('data')}; run the data stage first")
+
+
+def strict_json(value):
+    """``value`` with every non-finite float replaced by None, so that it is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def run_stage(run: Run, name: str, fn: Callable[[], dict], *, force: bool = False) -> dict:

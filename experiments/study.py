@@ -178,7 +178,7 @@ def study_report(seed_rows: Mapping[int, Sequence[dict]], *, difficulty_key: str
         diff += d
         paired += paired_tests(s, seed_rows[s], samples=samples)
     n_test = sorted({r["n"] for r in rows if r["method"] == "base"})
-    return evaluate.strict_json({
+    return rundir.strict_json({
         "seeds": seeds, "n_test": n_test[0] if len(n_test) == 1 else n_test,
         "rows": rows, "difficulty": diff, "summary": summarise(rows), "paired": paired,
         "targets": targets(rows, paired, seeds)})
