@@ -60,7 +60,7 @@ def within_budget(ratio: Array, level: Array, *, tol: float = 0.1) -> Array:
     Args:
       ratio: realized ratios r.
       level: emitted compression level k as a fraction (0.2 for <COMP_20>).
-      tol: tolerance, ``tol >= 0`` (CHRPO.md default 0.1).
+      tol: tolerance, ``tol >= 0`` (docs/method.md default 0.1).
     """
     _checks.check_value("within_budget", "tol", tol, tol >= 0, "must be >= 0")
     ratio = _checks.as_float(ratio)

@@ -1,6 +1,6 @@
 """The hierarchical reward of CHRPO and its components.
 
-For a rollout y of question x (CHRPO.md, stage 3; the tier structure is the
+For a rollout y of question x (docs/method.md, stage 3; the tier structure is the
 paper's idea, the exact coefficients and the bounded global term are this
 project's definition):
 

@@ -1,9 +1,9 @@
 """Calibration between SFT and RL: per question, reference length and target level.
 
-    python -m experiments.calibrate --config=experiments/configs/default.py --config.stage=calibrate
+    python -m experiments.pipeline --config.stage=calibrate
 
 For each RL question x the mixed-ratio model answers once per level (greedy by
-default) and (CHRPO.md, "Calibration")::
+default) and (docs/method.md, "Calibration")::
 
     ref_len(x) = think tokens of its correct <COMP_100> answer        (None if wrong)
     target(x)  = min { k : the answers at k and at every level above k are correct }
@@ -20,16 +20,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-import ml_collections
 import numpy as np
 
 from data.formats import LEVELS
-from experiments import cli, rundir
+from experiments import rundir
 from experiments.datasets import read_questions
 from experiments.rollouts import answer_questions, place_model
 from models import sharding
 
-__all__ = ["calibration_target", "reference_length", "calibrate", "STAGES", "main"]
+__all__ = ["calibration_target", "reference_length", "calibrate", "STAGES"]
 
 
 def calibration_target(correct: Mapping[int, bool]) -> int | None:
@@ -87,13 +86,3 @@ def calibrate(config, run: rundir.Run) -> dict:
 
 
 STAGES = {"calibrate": calibrate}
-
-
-def main(config: ml_collections.ConfigDict) -> dict:
-    from experiments.pipeline import run_stages  # noqa: PLC0415
-
-    return run_stages(config, only=STAGES)
-
-
-if __name__ == "__main__":
-    cli.run(main, default="experiments/configs/default.py")

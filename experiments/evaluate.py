@@ -1,7 +1,7 @@
 """Evaluation on held-out problems: every method, a Markdown/JSON table and two plots.
 
-    python -m experiments.evaluate --config=experiments/configs/default.py --config.stage=evaluate
-    python -m experiments.evaluate --config=experiments/configs/default.py --config.stage=evaluate_val
+    python -m experiments.pipeline --config.stage=evaluate
+    python -m experiments.pipeline --config.stage=evaluate_val
 
 Methods (greedy decoding on the test questions; stage ``evaluate_val``: validation):
 
@@ -11,7 +11,7 @@ Methods (greedy decoding on the test questions; stage ``evaluate_val``: validati
     policy warm start  sft_policy,    <COMP_POLICY> prompt (before RL)
     chrpo policy       rl,            <COMP_POLICY> prompt
 
-Per method (CHRPO.md, "Evaluation"): Acc = exact answer match after
+Per method (docs/method.md, "Evaluation"): Acc = exact answer match after
 normalisation; Tokens = mean think tokens (closed think span, counted on ids);
 ActRatio = Tokens / Tokens(base) on the same questions. Outputs under
 ``run_dir/evaluate``: responses.jsonl (one verdict per question and method),
@@ -28,13 +28,13 @@ import ml_collections
 import numpy as np
 
 from data.formats import POLICY
-from experiments import cli, rundir, stats
+from experiments import rundir, stats
 from experiments.datasets import read_questions
 from experiments.rollouts import answer_questions, place_model
 from models import sharding
 
 __all__ = ["method_plan", "results_table", "markdown_table", "difficulty_profile",
-           "evaluate", "STAGES", "main"]
+           "evaluate", "STAGES"]
 
 PLOT_FILES = ("accuracy_vs_actratio.png", "policy_difficulty.png")
 METHOD_STAGES = {"base": "sft_base", "extra-cot": "sft_mixed", "tokenskip": "sft_tokenskip",
@@ -216,13 +216,3 @@ def evaluate_val(config, run: rundir.Run) -> dict:
 
 
 STAGES = {"evaluate": evaluate, "evaluate_val": evaluate_val}
-
-
-def main(config: ml_collections.ConfigDict) -> dict:
-    from experiments.pipeline import run_stages  # noqa: PLC0415
-
-    return run_stages(config, only=STAGES)
-
-
-if __name__ == "__main__":
-    cli.run(main, default="experiments/configs/default.py")

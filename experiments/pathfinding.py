@@ -1,5 +1,5 @@
 """Tree path-finding lab: one-layer multi-head transformers, chain of thought,
-head specialisation, chain compression (docs/trees.md; ../shared/TREES.md).
+head specialisation, chain compression (docs/trees.md).
 
     python -m experiments.pathfinding --config=experiments/configs/pathfinding.py:ex1 \
         --config.figures_dir=docs/figures/trees

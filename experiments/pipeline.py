@@ -3,7 +3,7 @@
     python -m experiments.pipeline                                  # embedded default
     python -m experiments.pipeline --config=experiments/configs/test.py --config.run_dir=/tmp/r
 
-Stages, in order (DESIGN.md, data flow of the main job)::
+Stages, in order (docs/design.md, data flow of the main job)::
 
     data           tokenizer + question splits              experiments/datasets.py
     sft_base       base reasoning model (full CoT SFT)      experiments/sft.py
@@ -21,6 +21,8 @@ A stage whose ``<stage>/done.json`` exists is skipped, so a re-run resumes where
 the last one stopped (training stages also resume from their checkpoints).
 ``--config.stage=rl`` (or a comma list) runs only the named stages;
 ``--config.stage=evaluate_val`` evaluates on the validation split (for tuning).
+A stage whose inputs are missing (``stage_inputs``) stops before any work with
+the names of the stages to run first.
 
 Several hosts (docs/scaling.md): every host runs the same command; with
 ``distributed.enabled`` the first thing a run does is
@@ -32,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import ml_collections
 
@@ -40,7 +42,8 @@ from experiments import calibrate, cli, compressed_data, evaluate, rl, rundir, s
 from experiments.datasets import prepare_data
 from models import sharding
 
-__all__ = ["STAGE_ORDER", "stage_functions", "selected_stages", "run_stages", "main"]
+__all__ = ["STAGE_ORDER", "stage_functions", "selected_stages", "stage_inputs", "check_inputs",
+           "run_stages", "main"]
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "experiments/configs/default.py"
@@ -73,6 +76,55 @@ def selected_stages(stage: str, only: Mapping | None = None) -> list[str]:
     return [n for n in known if n in names]
 
 
+def stage_inputs(config: ml_collections.ConfigDict, name: str) -> tuple[str, ...]:
+    """The earlier stages whose outputs stage ``name`` reads, under ``config``."""
+    def init(block):   # an SFT / RL block starts from another stage's model, or from scratch
+        return () if block.init == "scratch" else (block.init,)
+
+    needs = {
+        "data": (),
+        "sft_base": init(config.sft_base),
+        "compressor": (),
+        "selfcot": ("sft_base",),
+        "compress": ("selfcot", "compressor", "sft_base"),
+        "sft_mixed": ("compress", *init(config.sft_mixed)),
+        "calibrate": ("sft_mixed",),
+        "sft_policy": ("calibrate", *init(config.sft_policy)),
+        "rl": ("calibrate", *init(config.rl)),
+        "sft_tokenskip": ("compress", *init(config.sft_tokenskip)),
+    }
+    if name in ("evaluate", "evaluate_val"):
+        stages = {evaluate.METHOD_STAGES[m] for m, _ in evaluate.method_plan(config.evaluate)}
+        needs[name] = tuple(s for s in STAGE_ORDER if s in stages)
+    return tuple(dict.fromkeys(("data", *needs[name]) if name != "data" else ()))
+
+
+def check_inputs(config: ml_collections.ConfigDict, run: rundir.Run, name: str,
+                 planned: Sequence[str] = ()) -> None:
+    """Stop with the missing stage's name and the command that makes it, before ``name`` runs.
+
+    ``planned``: the stages this invocation runs before ``name`` (they are not done yet
+    when the check is made at the start)."""
+    def unfinished(stage):
+        return [s for s in stage_inputs(config, stage) if not run.done(s) and s not in planned]
+
+    missing = unfinished(name)
+    if missing:
+        todo, queue = set(), list(missing)      # and what those stages need in turn
+        while queue:
+            stage = queue.pop()
+            if stage not in todo:
+                todo.add(stage)
+                queue += unfinished(stage)
+        order = [s for s in STAGE_ORDER if s in todo]
+        raise cli.ConfigError(
+            f"stage '{name}' needs the output of stage(s) "
+            f"{[s for s in STAGE_ORDER if s in missing]}, not finished in {config.run_dir}; "
+            f"run them first: python -m experiments.pipeline --config.run_dir={config.run_dir} "
+            f"--config.stage={','.join(order)} (plus the same --config flags), "
+            f"or --config.stage=all")
+
+
 def run_stages(config: ml_collections.ConfigDict, *, only: Mapping | None = None) -> dict:
     """Run the selected stages in order, skipping finished ones; returns their summaries.
 
@@ -85,6 +137,9 @@ def run_stages(config: ml_collections.ConfigDict, *, only: Mapping | None = None
     os.makedirs(config.run_dir, exist_ok=True)
     cli.write_run_config(config, config.run_dir, resumable=RESUMABLE)   # process 0 writes
     run, functions = rundir.Run(config.run_dir), stage_functions()
+    for i, name in enumerate(names):      # every input before any work
+        if not run.done(name):
+            check_inputs(config, run, name, planned=names[:i])
     summaries, start = {}, time.perf_counter()
     for i, name in enumerate(names, start=1):
         status = "done, skipping" if run.done(name) else "running"

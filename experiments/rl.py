@@ -1,6 +1,6 @@
-"""CHRPO: reinforcement learning on <COMP_POLICY> prompts (CHRPO.md, stage 3).
+"""CHRPO: reinforcement learning on <COMP_POLICY> prompts (docs/method.md, stage 3).
 
-    python -m experiments.rl --config=experiments/configs/default.py --config.stage=rl
+    python -m experiments.pipeline --config.stage=rl
 
 One RL step, as a recipe (the math is chrpo/, the model code models/):
 
@@ -47,18 +47,18 @@ from flax import nnx
 
 import chrpo
 from data.formats import LEVELS, build_prompt
-from experiments import cli, rundir
+from experiments import rundir
 from experiments.datasets import bucket_width, read_questions
 from experiments.metrics import MetricWriter, Progress, Timer
 from experiments.rollouts import RolloutGroups, rollout_groups
-from models import sharding
+from models import sharding, sharding_memory
 from models.checkpoint import CheckpointManager, abstract_tree
 from models.sampling import completion_logprobs, score
 from models.training import (check_finite_updates, create_train_state, make_optimizer,
                              make_train_step, merge_model, require_applied_updates)
 
 __all__ = ["chrpo_config", "prompt_order", "reward_inputs", "make_rl_loss", "pad_minibatch",
-           "rl", "STAGES", "main"]
+           "rl", "STAGES"]
 
 log = logging.getLogger(__name__)
 
@@ -200,11 +200,11 @@ def _log_memory(state, shardings, model_config, mesh, block, prompt_width: int,
     ways = sharding.batch_ways(mesh) * num_microbatches
     per_update = -(-(rows // block.minibatches) // ways) * ways      # padded mini-batch
     length = prompt_width + block.max_new_tokens + 1                   # + forced control
-    estimate = sharding.estimate_memory(state, shardings, model_config, mesh,
-                                        batch_size=per_update, seq_len=length,
-                                        num_microbatches=num_microbatches,
-                                        sample_batch=rows, sample_length=length)
-    log.info("rl: %s", sharding.format_memory(estimate, mesh_shape=dict(mesh.shape)))
+    estimate = sharding_memory.estimate_memory(state, shardings, model_config, mesh,
+                                               batch_size=per_update, seq_len=length,
+                                               num_microbatches=num_microbatches,
+                                               sample_batch=rows, sample_length=length)
+    log.info("rl: %s", sharding_memory.format_memory(estimate, mesh_shape=dict(mesh.shape)))
 
 
 def rl(config, run: rundir.Run) -> dict:
@@ -289,13 +289,3 @@ def rl(config, run: rundir.Run) -> dict:
 
 
 STAGES = {"rl": rl}
-
-
-def main(config: ml_collections.ConfigDict) -> dict:
-    from experiments.pipeline import run_stages  # noqa: PLC0415
-
-    return run_stages(config, only=STAGES)
-
-
-if __name__ == "__main__":
-    cli.run(main, default="experiments/configs/default.py")

@@ -1,6 +1,6 @@
 """Supervised fine-tuning stages of the main job (loss on response tokens only).
 
-    python -m experiments.sft --config=experiments/configs/default.py --config.stage=sft_base
+    python -m experiments.pipeline --config.stage=sft_base
 
 Stages (each a recipe over ``train_sft``; the block of the same name configures it):
 
@@ -35,10 +35,10 @@ import numpy as np
 from data.arithmetic import ArithmeticConfig, drill_text
 from data.formats import (LEVELS, SFTExample, build_policy_example, build_sft_example,
                           equation_token_mask, weight_equations)
-from experiments import cli, rundir
+from experiments import rundir
 from experiments.datasets import read_questions, sft_batch
 from experiments.metrics import MetricWriter, Progress
-from models import sharding
+from models import sharding, sharding_memory
 from models.checkpoint import CheckpointManager, abstract_tree
 from models.qwen3 import Qwen3
 from models.training import (check_finite_updates, create_train_state, make_optimizer,
@@ -46,7 +46,7 @@ from models.training import (check_finite_updates, create_train_state, make_opti
                              require_applied_updates)
 
 __all__ = ["lm_loss", "train_sft", "sft_base", "sft_mixed", "sft_policy", "sft_tokenskip",
-           "STAGES", "main"]
+           "STAGES"]
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,10 @@ def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collection
                                       shardings)
     batch_rows = sharding.batch_ways(device_mesh) * num_microbatches
     rows = -(-max(1, block.batch_tokens // block.max_length) // batch_rows) * batch_rows
-    log.info("%s: %s", name, sharding.format_memory(
-        sharding.estimate_memory(state, shardings, model.config, device_mesh, batch_size=rows,
-                                 seq_len=block.max_length, num_microbatches=num_microbatches),
+    log.info("%s: %s", name, sharding_memory.format_memory(
+        sharding_memory.estimate_memory(state, shardings, model.config, device_mesh,
+                                        batch_size=rows, seq_len=block.max_length,
+                                        num_microbatches=num_microbatches),
         mesh_shape=dict(device_mesh.shape)))
     # two kept: a corrupted latest checkpoint falls back to the one before (docs/reliability.md)
     manager = CheckpointManager(os.path.join(stage_dir, "checkpoints"), max_to_keep=2,
@@ -263,13 +264,3 @@ def sft_policy(config, run: rundir.Run) -> dict:
 
 STAGES = {"sft_base": sft_base, "sft_mixed": sft_mixed, "sft_policy": sft_policy,
           "sft_tokenskip": sft_tokenskip}
-
-
-def main(config: ml_collections.ConfigDict) -> dict:
-    from experiments.pipeline import run_stages  # noqa: PLC0415 (pipeline imports this module)
-
-    return run_stages(config, only=STAGES)
-
-
-if __name__ == "__main__":
-    cli.run(main, default="experiments/configs/default.py")

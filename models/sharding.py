@@ -1,6 +1,6 @@
 """Device mesh, logical-axis rules, and helpers that place states and batches on a mesh.
 
-One mesh with axes ``('data', 'fsdp', 'tensor')`` (DESIGN.md, Sharding). Parameters
+One mesh with axes ``('data', 'fsdp', 'tensor')`` (docs/design.md, Sharding). Parameters
 carry logical axis names (``nnx.Param(..., out_sharding=('embed', 'mlp'))``); the
 rules table maps each logical name to zero, one or several mesh axes::
 
@@ -427,20 +427,3 @@ def sync_processes(name: str) -> None:
         from jax.experimental import multihost_utils  # noqa: PLC0415 (multi-host only)
 
         multihost_utils.sync_global_devices(name)
-
-
-# ----------------------------------------------------------------------------- memory
-
-# The per-device memory estimate lives in models/sharding_memory.py; its names are
-# also attributes of this module (``sharding.estimate_memory``), loaded on first use.
-_MEMORY_NAMES = ("MemoryEstimate", "tree_bytes_per_device", "held_bytes_per_device",
-                 "activation_bytes", "kv_cache_bytes", "estimate_memory", "abstract_train_state",
-                 "format_memory")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MEMORY_NAMES:
-        from models import sharding_memory  # noqa: PLC0415 (it imports this module)
-
-        return getattr(sharding_memory, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ and an rl.minibatches that makes every update's rows divisible by data x fsdp.
 
 NOT RUN: nothing here has been run on a TPU or GPU. The memory figures in
 docs/scaling.md come from ``python -m experiments.configs.scale_common``, which
-evaluates models.sharding.estimate_memory on an abstract mesh of each target.
+evaluates models.sharding_memory.estimate_memory on an abstract mesh of each target.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def memory_rows(target: str) -> dict[str, object]:
     """Estimated bytes per device for SFT (width 4096) and the RL update and rollouts."""
     from jax.sharding import AbstractMesh, AxisType  # noqa: PLC0415 (configs stay light)
 
-    from models import sharding  # noqa: PLC0415
+    from models import sharding, sharding_memory  # noqa: PLC0415
     from models.qwen3 import preset  # noqa: PLC0415
     from models.training import make_optimizer  # noqa: PLC0415
 
@@ -63,7 +63,7 @@ def memory_rows(target: str) -> dict[str, object]:
     mesh = AbstractMesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     model = preset("qwen3-1.7b", dtype="bfloat16", param_dtype="bfloat16")
     optimizer, _ = make_optimizer(c.sft_mixed.optim)
-    state = sharding.abstract_train_state(model, optimizer)
+    state = sharding_memory.abstract_train_state(model, optimizer)
     shardings = sharding.state_shardings(state, mesh)
     sft_rows = c.sft_mixed.batch_tokens // c.sft_mixed.max_length
     rollouts = c.rl.prompts_per_step * (c.rl.policy_samples
@@ -75,10 +75,10 @@ def memory_rows(target: str) -> dict[str, object]:
         if rows % (micro * ways):
             raise ValueError(f"{target}: {name} micro-batches of {rows} / {micro} rows do not "
                              f"split over {ways} batch shards")
-    sft = sharding.estimate_memory(state, shardings, model, mesh, batch_size=sft_rows,
+    sft = sharding_memory.estimate_memory(state, shardings, model, mesh, batch_size=sft_rows,
                                    seq_len=c.sft_mixed.max_length,
                                    num_microbatches=c.microbatches.sft)
-    rl = sharding.estimate_memory(state, shardings, model, mesh,
+    rl = sharding_memory.estimate_memory(state, shardings, model, mesh,
                                   batch_size=rollouts // c.rl.minibatches, seq_len=rl_len,
                                   num_microbatches=c.microbatches.rl,
                                   sample_batch=rollouts, sample_length=rl_len)
@@ -89,7 +89,7 @@ def memory_rows(target: str) -> dict[str, object]:
 
 def main() -> None:
     """Print the per-device memory table of every target (the figures in docs/scaling.md)."""
-    from models.sharding import format_memory  # noqa: PLC0415
+    from models.sharding_memory import format_memory  # noqa: PLC0415
 
     for name in TARGETS:
         row = memory_rows(name)

@@ -4,14 +4,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from data import formats as F
-from data.arithmetic import generate_problems, tokenizer_corpus
+from data.arithmetic import generate_problems
 from data.compression import compress
-from data.tokenizers import train_sentencepiece
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return train_sentencepiece(tokenizer_corpus(generate_problems(11, 300)))
+def tok(problem_tok):        # tests/conftest.py
+    return problem_tok
 
 
 @pytest.fixture(scope="module")

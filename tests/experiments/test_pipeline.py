@@ -49,6 +49,24 @@ def test_group_of_one_with_a_std_normalised_estimator_is_rejected():
           "--config.rl.objective.estimator=drgrpo")  # no std: a group of one is allowed
 
 
+def test_a_stage_without_its_inputs_names_the_stages_to_run_first(tmp_path):
+    config = parse(f"--config.run_dir={tmp_path}", "--config.stage=sft_policy")
+    with pytest.raises(cli.ConfigError) as err:
+        pipeline.run_stages(config)
+    text = str(err.value)
+    assert "stage 'sft_policy'" in text and "'calibrate'" in text and "'sft_mixed'" in text
+    # the command makes everything upstream, in pipeline order
+    assert (f"--config.run_dir={tmp_path} --config.stage=data,sft_base,compressor,selfcot,"
+            "compress,sft_mixed,calibrate ") in text
+    assert not os.path.exists(tmp_path / "sft_policy")          # stopped before any work
+    # stages named together count as made: data then sft_base needs nothing else
+    assert pipeline.stage_inputs(config, "sft_base") == ("data",)
+    pipeline.check_inputs(config, rundir.Run(str(tmp_path)), "sft_base", planned=("data",))
+    assert pipeline.stage_inputs(config, "evaluate") == (
+        "data", "sft_base", "sft_mixed", "sft_policy", "rl", "sft_tokenskip")
+    assert pipeline.stage_inputs(config, "data") == ()
+
+
 def test_default_config_is_valid_and_runs_every_stage():
     config = parse(config="experiments/configs/default.py")
     assert pipeline.selected_stages(config.stage) == list(pipeline.STAGE_ORDER)

@@ -5,33 +5,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import chrpo
-from data.arithmetic import ArithmeticConfig, generate_problems, tokenizer_corpus
+from data.arithmetic import ArithmeticConfig, generate_problems
 from data.formats import build_prompt
-from data.tokenizers import train_sentencepiece
 from experiments.configs import default
 from experiments.datasets import question_row, question_from_row, pad_left
 from experiments.rl import chrpo_config, make_rl_loss, prompt_order, reward_inputs
 from experiments.rollouts import Judged, RolloutGroups, rollout_groups
-from models.qwen3 import Qwen3, Qwen3Config
 from models.sampling import completion_logprobs
 
 ARITH = ArithmeticConfig(max_steps=2)
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return train_sentencepiece(tokenizer_corpus(generate_problems(0, 120, ARITH)), vocab_size=400)
+def tok(small_tok):          # tests/conftest.py
+    return small_tok
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    config = Qwen3Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-                         max_position_embeddings=1024)
-    return Qwen3(config, rngs=nnx.Rngs(0))
+def model(tok, tiny_decoder):
+    return tiny_decoder(tok.vocab_size)
 
 
 @pytest.fixture(scope="module")

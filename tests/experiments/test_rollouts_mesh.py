@@ -24,7 +24,7 @@ import pytest
 from flax import nnx
 
 from experiments import rollouts
-from models import sharding
+from models import sharding, sharding_memory
 from models.qwen3 import Qwen3, Qwen3Config
 
 TOKENIZER = types.SimpleNamespace(pad_id=0, eos_id=7)    # generate_responses reads these two
@@ -59,7 +59,7 @@ def _recording_generate(seen: list):
         per_device = (ids.sharding.shard_shape(ids.shape)[0] if isinstance(ids, jax.Array)
                       else ids.shape[0])
         seen.append((int(ids.shape[0]), int(per_device),
-                     sharding.held_bytes_per_device(state)
+                     sharding_memory.held_bytes_per_device(state)
                      / sum(x.nbytes for x in jax.tree.leaves(state))))
         return real(graphdef, state, ids, mask, **kwargs)
 

@@ -10,27 +10,19 @@ from data.tokenizers import train_sentencepiece
 from experiments import sft
 from experiments.configs.pipeline_blocks import sft_block
 from experiments.datasets import sft_batch
-from models.qwen3 import Qwen3, Qwen3Config
 
 ARITH = ArithmeticConfig(max_steps=2)
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return train_sentencepiece(tokenizer_corpus(generate_problems(0, 120, ARITH)), vocab_size=400)
+def tok(small_tok):          # tests/conftest.py
+    return small_tok
 
 
 @pytest.fixture(scope="module")
 def examples(tok):
     return [build_sft_example(tok, p.question, tok.encode(p.cot), p.answer_text)
             for p in generate_problems(5, 24, ARITH)]
-
-
-def tiny_model(tok, seed=0):
-    config = Qwen3Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-                         max_position_embeddings=1024)
-    return Qwen3(config, rngs=nnx.Rngs(seed))
 
 
 def test_sft_batch_is_a_pure_function_of_seed_and_step(examples):
@@ -74,9 +66,9 @@ def params_of(model):
 
 
 @pytest.fixture(scope="module")
-def straight(tok, examples, tmp_path_factory):
+def straight(tok, examples, tiny_decoder, tmp_path_factory):
     d = str(tmp_path_factory.mktemp("straight"))
-    model, stats = sft.train_sft(tiny_model(tok), examples, block(6, 3), stage_dir=d, seed=0,
+    model, stats = sft.train_sft(tiny_decoder(tok.vocab_size), examples, block(6, 3), stage_dir=d, seed=0,
                                  name="t")
     return model, stats, d
 
@@ -90,7 +82,7 @@ def test_train_sft_lowers_the_loss(straight):
     assert len(losses) == 6 and np.isfinite(losses).all() and losses[-1] < losses[0]
 
 
-def test_resume_gives_the_same_run(tok, examples, straight, tmp_path, monkeypatch):
+def test_resume_gives_the_same_run(tok, examples, straight, tiny_decoder, tmp_path, monkeypatch):
     real = sft.sft_batch
 
     def crash_at_4(ex, *, step, **kw):
@@ -100,17 +92,17 @@ def test_resume_gives_the_same_run(tok, examples, straight, tmp_path, monkeypatc
 
     monkeypatch.setattr(sft, "sft_batch", crash_at_4)
     with pytest.raises(RuntimeError, match="simulated"):
-        sft.train_sft(tiny_model(tok), examples, block(6, 3), stage_dir=str(tmp_path), seed=0,
+        sft.train_sft(tiny_decoder(tok.vocab_size), examples, block(6, 3), stage_dir=str(tmp_path), seed=0,
                       name="t")
     monkeypatch.setattr(sft, "sft_batch", real)
-    resumed, _ = sft.train_sft(tiny_model(tok, seed=99), examples, block(6, 3),
+    resumed, _ = sft.train_sft(tiny_decoder(tok.vocab_size, seed=99), examples, block(6, 3),
                                stage_dir=str(tmp_path), seed=0, name="t")
     for a, b in zip(params_of(straight[0]), params_of(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_zero_steps_keeps_the_model(tok, examples, tmp_path):
-    model = tiny_model(tok)
+def test_zero_steps_keeps_the_model(tok, examples, tiny_decoder, tmp_path):
+    model = tiny_decoder(tok.vocab_size)
     same, stats = sft.train_sft(model, examples, block(0, 1), stage_dir=str(tmp_path), seed=0,
                                 name="t")
     assert same is model and stats["train_seconds"] == 0.0

@@ -12,6 +12,7 @@ from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
 from models import sharding as sh
+from models import sharding_memory as shm
 from models.qwen3 import Qwen3, preset
 from models.training import create_train_state, default_optimizer_config, make_optimizer
 
@@ -121,16 +122,16 @@ def test_tree_bytes_match_held_bytes_on_one_device(tiny):
     mesh = sh.mesh_from_config(None)
     placed = jax.device_put(state, sh.state_shardings(state, mesh))
     for part in ("params", "opt_state"):
-        assert sh.tree_bytes_per_device(getattr(state, part),
+        assert shm.tree_bytes_per_device(getattr(state, part),
                                         getattr(sh.state_shardings(state, mesh), part)) \
-            == sh.held_bytes_per_device(getattr(placed, part))
+            == shm.held_bytes_per_device(getattr(placed, part))
 
 
 def test_param_and_optimizer_bytes_by_hand_on_2x2x2(tiny):
     cfg, optimizer, _ = tiny
-    abstract = sh.abstract_train_state(cfg, optimizer)
+    abstract = shm.abstract_train_state(cfg, optimizer)
     mesh = abstract_mesh(2, 2, 2)
-    est = sh.estimate_memory(abstract, sh.state_shardings(abstract, mesh), cfg, mesh,
+    est = shm.estimate_memory(abstract, sh.state_shardings(abstract, mesh), cfg, mesh,
                              batch_size=4, seq_len=8)
     # Per device, float32: embed [32/2, 64/2]; per layer q [32,2,16], k/v [32,1,16]
     # (2 kv heads / tensor 2), o [2,16,32], gate/up [32,96], down [96,32]; norms whole:
@@ -150,21 +151,21 @@ def test_activation_and_kv_bytes_by_hand():
     b, t = 4 // 2, 8
     e, d, f, h, k, v = 64, 16, 192 // 2, 4 // 2, 2 // 2, 32 // 2
     per_layer = b * t * 4 * (4 * e + 2 * (h + 2 * k) * d + h * d + 4 * f) + b * h * t * t * 8
-    assert sh.activation_bytes(cfg, batch_size=4, seq_len=t, mesh=mesh) \
+    assert shm.activation_bytes(cfg, batch_size=4, seq_len=t, mesh=mesh) \
         == 2 * per_layer + 2 * b * t * v * 4
-    assert sh.kv_cache_bytes(cfg, batch_size=6, max_length=10, mesh=mesh) \
+    assert shm.kv_cache_bytes(cfg, batch_size=6, max_length=10, mesh=mesh) \
         == 2 * 2 * 3 * 1 * 16 * 10 * 4
     # 3 rows do not split 2 ways: the cache stays whole on each device.
-    assert sh.kv_cache_bytes(cfg, batch_size=3, max_length=10, mesh=mesh) \
+    assert shm.kv_cache_bytes(cfg, batch_size=3, max_length=10, mesh=mesh) \
         == 2 * 2 * 3 * 1 * 16 * 10 * 4
-    est = sh.MemoryEstimate(1, 2, 3, 4, 5, 6)
+    est = shm.MemoryEstimate(1, 2, 3, 4, 5, 6)
     assert est.total == 21
-    text = sh.format_memory(sh.MemoryEstimate(2**30, 0, 0, 0, 0, 2**29), mesh_shape=mesh.shape,
+    text = shm.format_memory(shm.MemoryEstimate(2**30, 0, 0, 0, 0, 2**29), mesh_shape=mesh.shape,
                             device_bytes=3 * 2**30)
     lines = [line.split() for line in text.splitlines()]
     assert lines[1] == ["params", "1.000", "GiB"] and lines[6] == ["kv_cache", "0.500", "GiB"]
     assert lines[-1] == ["total", "1.500", "GiB", "of", "3.0", "GiB", "(50%)"]
-    assert math.isclose(sh.MemoryEstimate(*[2**30] * 6).total / 2**30, 6.0)
+    assert math.isclose(shm.MemoryEstimate(*[2**30] * 6).total / 2**30, 6.0)
 
 
 def test_scale_configs_resolve_and_estimate_by_hand():

@@ -57,6 +57,7 @@ def _measure(ckpt_dir: str) -> dict:
     from experiments.sft import lm_loss
     from models import checkpoint
     from models import sharding as sh
+    from models import sharding_memory as shm
     from models.qwen3 import Qwen3, preset
     from models.sampling import generate, score
     from models.training import (create_train_state, default_optimizer_config, make_optimizer,
@@ -132,9 +133,9 @@ def _measure(ckpt_dir: str) -> dict:
         mesh = sh.make_mesh(data=d, fsdp=f, tensor=tp)
         got = run(mesh)
         state = got["sft"][0]
-        held = {part: sh.held_bytes_per_device(getattr(state, part))
+        held = {part: shm.held_bytes_per_device(getattr(state, part))
                 for part in ("params", "opt_state")}
-        est = sh.estimate_memory(sh.abstract_train_state(cfg, optimizer), got["shardings"], cfg,
+        est = shm.estimate_memory(shm.abstract_train_state(cfg, optimizer), got["shardings"], cfg,
                                  mesh, batch_size=b, seq_len=t)
         out["cases"][name] = {
             "sft_loss_rel": rel(got["sft"][1], ref["sft"][1]),
@@ -146,7 +147,7 @@ def _measure(ckpt_dir: str) -> dict:
             "token_spec": got["token_spec"],
             "up_proj_spec": str(state.params["layers"][0]["mlp"]["up_proj"][...].sharding.spec),
             "held": held, "estimate": {"params": est.params, "opt_state": est.opt_state},
-            "single_device_params": sh.held_bytes_per_device(ref["sft"][0].params),
+            "single_device_params": shm.held_bytes_per_device(ref["sft"][0].params),
         }
 
     # Cross-mesh restore: 8 devices as fsdp 2 x tensor 4 -> 1 device, and 1 -> 2x2x2.
@@ -169,7 +170,7 @@ def _measure(ckpt_dir: str) -> dict:
             for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(state_1), strict=True))
         restore[label] = {"equal": same, "shardings": shard_ok,
                           "devices": len(jax.tree.leaves(back.params)[0].sharding.device_set),
-                          "held_params": sh.held_bytes_per_device(back.params)}
+                          "held_params": shm.held_bytes_per_device(back.params)}
     out["restore"] = restore
     # constrain() under activate(): the logical names become the sharding of the output.
     mixed = sh.make_mesh(data=2, fsdp=2, tensor=2)

@@ -2,8 +2,8 @@
 
 Checked through the entry point every script uses (``experiments.cli.parse``
 with the config module's ``validate``, as ``cli.run`` calls it) on the real
-pipeline configs, and once per script (``python -m experiments.sft`` /
-``experiments.rl``) as a subprocess: exit status 2, ``error: config key ...``
+pipeline configs, and through the one entry point (``python -m experiments.pipeline``)
+as a subprocess: exit status 2, ``error: config key ...``
 on stderr and no run directory created.
 
 Cases already covered elsewhere (tests/experiments/test_pipeline.py,
@@ -113,8 +113,8 @@ def test_optimiser_and_generator_blocks_are_checked_at_parse_time(overrides, key
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module, override, key", [
-    ("experiments.sft", "--config.sft_base.steps=-1", "sft_base.steps"),
-    ("experiments.rl", "--config.rl.objective.tol=-0.5", "rl.objective.tol"),
+    ("experiments.pipeline", "--config.sft_base.steps=-1", "sft_base.steps"),
+    ("experiments.pipeline", "--config.rl.objective.tol=-0.5", "rl.objective.tol"),
 ])
 def test_scripts_exit_before_any_work(tmp_path, module, override, key):
     run_dir = tmp_path / "run"
@@ -129,12 +129,12 @@ def test_scripts_exit_before_any_work(tmp_path, module, override, key):
 
 
 def test_resuming_with_a_changed_config_exits_before_any_work(tmp_path, capsys):
-    from experiments import sft
+    from experiments import pipeline
 
     run_dir = tmp_path / "run"
     cli.write_run_config(parse(CONFIGS[0], f"--config.run_dir={run_dir}"), run_dir, write=True)
     with pytest.raises(SystemExit) as exit_info:
-        cli.run(sft.main, argv=[f"--config={CONFIGS[0]}", f"--config.run_dir={run_dir}",
+        cli.run(pipeline.main, argv=[f"--config={CONFIGS[0]}", f"--config.run_dir={run_dir}",
                                 "--config.sft_base.steps=3", "--config.stage=sft_base"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err

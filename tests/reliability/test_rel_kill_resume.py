@@ -1,7 +1,7 @@
 """Kill and resume: SFT and CHRPO runs SIGKILLed at seeded random points end bit-identical.
 
-Each test drives the real script (``python -m experiments.sft`` /
-``experiments.rl``) on the test config (experiments/configs/test.py, fewer
+Each test drives the real entry point (``python -m experiments.pipeline`` with
+``--config.stage=sft_base`` / ``rl``) on the test config (experiments/configs/test.py, fewer
 steps, a checkpoint every step) in a subprocess:
 
 - reference: one uninterrupted run;
@@ -194,9 +194,9 @@ def metric_rows(run_dir: str, stage: str) -> list[dict]:
 def test_sft_killed_and_resumed_is_bit_identical(workspace, tmp_path):
     template, env = workspace
     reference = copy_run(template, str(tmp_path / "reference"))
-    run_to_end(command("experiments.sft", reference, SFT_ARGS), env)
+    run_to_end(command("experiments.pipeline", reference, SFT_ARGS), env)
     killed = copy_run(template, str(tmp_path / "killed"))
-    kills = run_with_kills(command("experiments.sft", killed, SFT_ARGS), env,
+    kills = run_with_kills(command("experiments.pipeline", killed, SFT_ARGS), env,
                            os.path.join(killed, "sft_base", "metrics.jsonl"),
                            total=SFT_STEPS, rng=np.random.default_rng(10))
     assert [rc for *_, rc in kills] == [-signal.SIGKILL] * KILLS, kills   # killed while running
@@ -267,6 +267,8 @@ def rl_template(workspace, tmp_path_factory):
                     "levels": {}} for i, r in enumerate(rows)]
     rundir.write_jsonl(os.path.join(run.stage_dir("calibrate"), "calibration.jsonl"), calibration)
     rundir.export_model(chain_model(run.tokenizer()), run.stage_dir("sft_policy"))
+    for stage in ("calibrate", "sft_policy"):     # made by hand: the rl stage's inputs
+        run.mark_done(stage, {"made_by": "test"})
     return run_dir, env
 
 
@@ -274,9 +276,9 @@ def rl_template(workspace, tmp_path_factory):
 def test_chrpo_killed_and_resumed_is_bit_identical(rl_template, tmp_path):
     template, env = rl_template
     reference = copy_run(template, str(tmp_path / "reference"))
-    run_to_end(command("experiments.rl", reference, RL_ARGS), env)
+    run_to_end(command("experiments.pipeline", reference, RL_ARGS), env)
     killed = copy_run(template, str(tmp_path / "killed"))
-    kills = run_with_kills(command("experiments.rl", killed, RL_ARGS), env,
+    kills = run_with_kills(command("experiments.pipeline", killed, RL_ARGS), env,
                            os.path.join(killed, "rl", "metrics.jsonl"),
                            total=RL_STEPS, rng=np.random.default_rng(20))
     assert [rc for *_, rc in kills] == [-signal.SIGKILL] * KILLS, kills

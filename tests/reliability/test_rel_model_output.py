@@ -30,8 +30,6 @@ import chrpo
 from data import formats as F
 from data.answers import extract_answer_is, extract_boxed, extract_gsm8k_answer, \
     is_equivalent, normalize_answer
-from data.arithmetic import generate_problems, tokenizer_corpus
-from data.tokenizers import train_sentencepiece
 
 N_RESPONSES = 10_000
 MAX_ITEM_S = 0.5      # generous bound on one parse + equivalence check
@@ -129,8 +127,8 @@ def _alarm(signum, frame):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return train_sentencepiece(tokenizer_corpus(generate_problems(11, 300)))
+def tok(problem_tok):        # tests/conftest.py
+    return problem_tok
 
 
 @jax.jit
