@@ -15,8 +15,9 @@ from chrpo.advantages import (ESTIMATORS, AdvantageConfig, AdvantageResult,
 from chrpo.budget import (LagrangeState, budget_mask, constraint_violation,
                           init_lagrange, realized_ratio, update_lagrange,
                           within_budget)
-from chrpo.losses import (AGGREGATIONS, KL_ESTIMATORS, LossConfig, PolicyLossOutput,
-                          aggregate, clip_fractions, clipped_surrogate,
+from chrpo.losses import (AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, LossConfig,
+                          PolicyLossOutput, aggregate, clip_fractions, clipped_surrogate,
+                          importance_ratio,
                           entropy_from_logits, first_token_mask, kl_divergence,
                           kl_k1, kl_k2, kl_k3, policy_loss, seq_mean_token_mean,
                           seq_mean_token_sum_norm, token_mean)
@@ -43,8 +44,8 @@ __all__ = [
     "grpo_advantages", "drgrpo_advantages", "rloo_advantages",
     "hierarchical_advantages", "group_advantages",
     # losses
-    "LossConfig", "PolicyLossOutput", "KL_ESTIMATORS", "AGGREGATIONS",
-    "clipped_surrogate", "clip_fractions", "kl_k1", "kl_k2", "kl_k3", "kl_divergence",
+    "LossConfig", "PolicyLossOutput", "KL_ESTIMATORS", "AGGREGATIONS", "IMPORTANCE_LEVELS",
+    "importance_ratio", "clipped_surrogate", "clip_fractions", "kl_k1", "kl_k2", "kl_k3", "kl_divergence",
     "entropy_from_logits", "first_token_mask", "token_mean", "seq_mean_token_mean",
     "seq_mean_token_sum_norm", "aggregate", "policy_loss",
     # objective and registry

@@ -9,6 +9,14 @@ For token t of rollout i, with log-probabilities under the current, behaviour
     l_t    = w_t * (l_pg + beta * KL_t - entropy_coef * H_t)
 
 with ``w_t = control_weight`` on the control-token position and 1 elsewhere.
+With ``importance_level='sequence'`` (GSPO, Zheng et al. 2025, arXiv 2507.18071;
+TRL ``importance_sampling_level="sequence"``) every token of rollout i uses one
+length-normalised sequence ratio in place of rho_t:
+
+    s_i = exp( (1 / |y_i|) sum_t m_t (logp_t - logp_old_t) )
+
+clipped to ``[1 - eps_low, 1 + eps_high]`` as above (GSPO's ranges are about
+1e-3 wide: the ratio of a whole sequence moves far less than a token's).
 KL_t estimates KL(pi || pi_ref) from a sample of pi, with
 ``u = logp_ref_t - logp_t`` (Schulman 2020, "Approximating KL divergence"):
 
@@ -41,7 +49,8 @@ from chrpo import _checks
 
 Array = jnp.ndarray
 
-__all__ = ["LossConfig", "PolicyLossOutput", "KL_ESTIMATORS", "AGGREGATIONS",
+__all__ = ["LossConfig", "PolicyLossOutput", "KL_ESTIMATORS", "AGGREGATIONS", "IMPORTANCE_LEVELS",
+           "importance_ratio",
            "clipped_surrogate", "clip_fractions", "kl_k1", "kl_k2", "kl_k3",
            "kl_divergence", "entropy_from_logits", "first_token_mask",
            "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm",
@@ -57,9 +66,38 @@ def _advantage_per_token(fn: str, advantages: Array, shape: tuple[int, int]) -> 
     return _checks.check_shape(fn, "advantages", advantages, shape)
 
 
+IMPORTANCE_LEVELS = ("token", "sequence")
+
+
+def importance_ratio(logp: Array, old_logp: Array, mask: Array | None = None, *,
+                     level: str = "token") -> Array:
+    """The importance ratio [B, T]: ``rho_t`` per token, or GSPO's ``s_i`` on every
+    token of row i (``level='sequence'``; needs ``mask``, module docstring).
+
+    >>> import jax.numpy as jnp
+    >>> r = importance_ratio(jnp.log(jnp.array([[2.0, 8.0, 5.0]])), jnp.zeros((1, 3)),
+    ...                      jnp.array([[True, True, False]]), level="sequence")
+    >>> [round(float(v), 4) for v in r[0]]    # exp((log 2 + log 8) / 2) = 4 on every token
+    [4.0, 4.0, 4.0]
+    """
+    fn = "importance_ratio"
+    _checks.lookup({k: k for k in IMPORTANCE_LEVELS}, level, kind="importance level")
+    logp = _checks.as_float(_checks.check_rank(fn, "logp", logp, 2))
+    old_logp = _checks.as_float(_checks.check_shape(fn, "old_logp", old_logp, logp.shape))
+    if level == "token":
+        return jnp.exp(logp - old_logp)
+    if mask is None:
+        raise ValueError("importance_ratio: level='sequence' needs `mask`")
+    mask = _checks.as_bool(_checks.check_shape(fn, "mask", mask, logp.shape))
+    log_ratio = jnp.sum(jnp.where(mask, logp - old_logp, 0.0), axis=1, keepdims=True)
+    count = jnp.sum(mask, axis=1, keepdims=True, dtype=logp.dtype)
+    return jnp.broadcast_to(jnp.exp(_checks.safe_divide(log_ratio, count)), logp.shape)
+
+
 def clipped_surrogate(logp: Array, old_logp: Array, advantages: Array, *,
                       eps_low: float = 0.2, eps_high: float = 0.2,
-                      dual_clip: float | None = None) -> Array:
+                      dual_clip: float | None = None, mask: Array | None = None,
+                      importance_level: str = "token") -> Array:
     """Per-token clipped surrogate loss ``l_pg`` [B, T] (module docstring).
 
     Args:
@@ -69,12 +107,14 @@ def clipped_surrogate(logp: Array, old_logp: Array, advantages: Array, *,
         eps_low is DAPO's clip-higher. Both in [0, 1).
       dual_clip: c > 1 caps the loss of negative-advantage tokens at ``-c A``
         (Ye et al. 2020, dual-clip PPO); None disables it.
+      mask, importance_level: ``'sequence'`` uses GSPO's ratio over the
+        ``mask`` tokens of each row (:func:`importance_ratio`).
     """
     fn = "clipped_surrogate"
     logp = _checks.as_float(_checks.check_rank(fn, "logp", logp, 2))
     old_logp = _checks.as_float(_checks.check_shape(fn, "old_logp", old_logp, logp.shape))
     adv = _advantage_per_token(fn, advantages, logp.shape)
-    rho = jnp.exp(logp - old_logp)
+    rho = importance_ratio(logp, old_logp, mask, level=importance_level)
     clipped = jnp.clip(rho, 1.0 - eps_low, 1.0 + eps_high)
     loss = -jnp.minimum(rho * adv, clipped * adv)
     if dual_clip is not None:
@@ -84,7 +124,8 @@ def clipped_surrogate(logp: Array, old_logp: Array, advantages: Array, *,
 
 def clip_fractions(logp: Array, old_logp: Array, advantages: Array, *,
                    eps_low: float = 0.2, eps_high: float = 0.2,
-                   dual_clip: float | None = None) -> dict[str, Array]:
+                   dual_clip: float | None = None, mask: Array | None = None,
+                   importance_level: str = "token") -> dict[str, Array]:
     """Per-token indicators (float32 [B, T]) of where a clip is active.
 
     clip_high: A > 0 and rho > 1 + eps_high; clip_low: A < 0 and
@@ -95,7 +136,7 @@ def clip_fractions(logp: Array, old_logp: Array, advantages: Array, *,
     logp = _checks.as_float(_checks.check_rank(fn, "logp", logp, 2))
     old_logp = _checks.as_float(_checks.check_shape(fn, "old_logp", old_logp, logp.shape))
     adv = _advantage_per_token(fn, advantages, logp.shape)
-    rho = jnp.exp(logp - old_logp)
+    rho = importance_ratio(logp, old_logp, mask, level=importance_level)
     out = {"clip_high": (adv > 0) & (rho > 1.0 + eps_high),
            "clip_low": (adv < 0) & (rho < 1.0 - eps_low)}
     if dual_clip is not None:
@@ -208,7 +249,8 @@ class LossConfig:
     kl_estimator ('k3'; KL_ESTIMATORS), kl_coef beta (0.0; >= 0),
     entropy_coef (0.0), control_weight w_ctrl (1.0; >= 0),
     aggregation ('token-mean'; AGGREGATIONS), max_len (None; int >= 1,
-    required by 'seq-mean-token-sum-norm').
+    required by 'seq-mean-token-sum-norm'), importance_level ('token';
+    IMPORTANCE_LEVELS: 'sequence' is GSPO's ratio).
     """
     eps_low: float = 0.2
     eps_high: float = 0.2
@@ -219,6 +261,7 @@ class LossConfig:
     control_weight: float = 1.0
     aggregation: str = "token-mean"
     max_len: int | None = None
+    importance_level: str = "token"
 
     def __post_init__(self):
         o, c = "LossConfig", self
@@ -231,6 +274,8 @@ class LossConfig:
         _checks.check_value(o, "control_weight", c.control_weight,
                             c.control_weight >= 0, "must be >= 0")
         _checks.lookup(AGGREGATIONS, c.aggregation, kind="aggregation mode")
+        _checks.lookup({k: k for k in IMPORTANCE_LEVELS}, c.importance_level,
+                       kind="importance level")
         _checks.check_value(
             o, "max_len", c.max_len,
             c.max_len is None or (isinstance(c.max_len, int) and c.max_len >= 1),
@@ -259,7 +304,8 @@ def policy_loss(logp: Array, old_logp: Array, advantages: Array, mask: Array, *,
                 entropy_coef: float = _DL.entropy_coef,
                 control_weight: float = _DL.control_weight,
                 aggregation: str = _DL.aggregation,
-                max_len: int | None = _DL.max_len) -> PolicyLossOutput:
+                max_len: int | None = _DL.max_len,
+                importance_level: str = _DL.importance_level) -> PolicyLossOutput:
     """The CHRPO policy loss over a [B, T] batch, as (sum, denominator, metrics).
 
     Args:
@@ -289,7 +335,8 @@ def policy_loss(logp: Array, old_logp: Array, advantages: Array, mask: Array, *,
     """
     LossConfig(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
                kl_estimator=kl_estimator, kl_coef=kl_coef, entropy_coef=entropy_coef,
-               control_weight=control_weight, aggregation=aggregation, max_len=max_len)
+               control_weight=control_weight, aggregation=aggregation, max_len=max_len,
+               importance_level=importance_level)
     fn = "policy_loss"
     logp = _checks.check_rank(fn, "logp", logp, 2)
     mask = _checks.as_bool(_checks.check_shape(fn, "mask", mask, logp.shape))
@@ -301,7 +348,8 @@ def policy_loss(logp: Array, old_logp: Array, advantages: Array, mask: Array, *,
     logp, old_logp = clean("logp", logp), clean("old_logp", old_logp)
     old_logp = jax.lax.stop_gradient(old_logp)
     advantages = jnp.where(mask, _advantage_per_token(fn, advantages, logp.shape), 0.0)
-    clip = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
+    clip = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, mask=mask,
+                importance_level=importance_level)
     per_token = clipped_surrogate(logp, old_logp, advantages, **clip)
     metrics = {f"{k}_fraction": _checks.masked_mean(v, mask)
                for k, v in clip_fractions(logp, old_logp, advantages, **clip).items()}

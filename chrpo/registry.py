@@ -70,6 +70,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                    aggregation="seq-mean-token-sum-norm", kl_coef=0.0),
     "dapo": dict(estimator="grpo", eps_low=0.2, eps_high=0.28,
                  aggregation="token-mean", kl_coef=0.0),
+    # GSPO (Zheng et al. 2025): one length-normalised ratio per sequence, clipped to
+    # [1 - 3e-4, 1 + 4e-4] (the paper's ranges), a per-sequence mean, no KL term
+    "gspo": dict(estimator="grpo", eps_low=3e-4, eps_high=4e-4, importance_level="sequence",
+                 aggregation="seq-mean-token-mean", kl_coef=0.0),
     "chrpo": dict(estimator="hierarchical", eps_low=0.2, eps_high=0.28, dual_clip=3.0,
                   aggregation="token-mean", kl_estimator="k3", kl_coef=0.001,
                   control_weight=5.0),

@@ -33,7 +33,7 @@ from fractions import Fraction
 from data.latex_numbers import NotANumber, format_number, multiply, parse_number
 
 __all__ = [
-    "extract_boxed", "extract_gsm8k_answer", "extract_answer_is",
+    "extract_boxed", "extract_boxed_all", "extract_gsm8k_answer", "extract_answer_is",
     "normalize_answer", "is_equivalent", "MAX_ANSWER_CHARS",
 ]
 
@@ -86,6 +86,29 @@ def extract_boxed(text: str) -> str | None:
     return content or None
 
 
+def extract_boxed_all(text: str) -> list[str]:
+    """Contents of every outermost box, in order (a box inside a box is part of it).
+
+    An unclosed box ends the list; empty boxes are skipped.
+
+    >>> extract_boxed_all(r"x = \\boxed{3} or \\boxed{-3}")
+    ['3', '-3']
+    """
+    out: list[str] = []
+    if not isinstance(text, str):
+        return out
+    pos = 0
+    while (m := _BOX_OPEN.search(text, pos)) is not None:
+        end = _closing_brace(text, m.end())
+        if end is None:
+            break
+        content = text[m.end():end].strip()
+        if content:
+            out.append(content)
+        pos = end + 1
+    return out
+
+
 def extract_gsm8k_answer(solution: str) -> str | None:
     """Text after the last ``####`` marker (GSM8K convention), on its line.
 
@@ -115,7 +138,11 @@ def extract_answer_is(text: str) -> str | None:
 
 
 # ----------------------------------------------------------------- cleaning
-_UNICODE = (("\u2212", "-"), ("\u2013", "-"), ("\u00d7", "\\times "), ("\u00f7", "\\div "),
+# minus signs: U+2212 minus, U+2010 hyphen, U+2011 non-breaking hyphen, U+2012 figure dash,
+# U+2013 en dash, U+FE63 small hyphen-minus, U+FF0D fullwidth hyphen-minus (not the em dash,
+# which joins words and ranges)
+_UNICODE = (("\u2212", "-"), ("\u2010", "-"), ("\u2011", "-"), ("\u2012", "-"), ("\u2013", "-"),
+            ("\ufe63", "-"), ("\uff0d", "-"), ("\u00d7", "\\times "), ("\u00f7", "\\div "),
             ("\u00b7", "\\cdot "), ("\u221a", "\\sqrt "), ("\\$", ""), ("$", ""))
 _THOUSANDS_TEX = re.compile(r"(?<=\d)(?:\\,|\{,\})(?=\d{3}(?!\d))")
 _THOUSANDS_FULL = re.compile(r"[+-]?\d{1,3}(?:(?:,\d{3})+|(?: \d{3})+)(?:\.\d+)?")
@@ -127,6 +154,8 @@ _BARE_SQRT = re.compile(r"(?<![A-Za-z\\])sqrt(?![A-Za-z])")
 _SHORT_FIRST = re.compile(r"\\(frac|sqrt)(?![A-Za-z])\s*(\d|\\[A-Za-z]+|[A-Za-z])")
 _SHORT_SECOND = re.compile(r"\\frac\s*(\{(?:[^{}]|\{[^{}]*\})*\})\s*(\d|\\[A-Za-z]+|[A-Za-z])")
 _PERCENT = re.compile(r"\s*\\?%\s*$")
+# a mixed number: an integer, then a proper fraction of integers (2\frac{1}{2} is 5/2)
+_MIXED = re.compile(r"(?<![\d.}^_])(\d+)\s*\\frac\{\s*(\d+)\s*\}\{\s*(\d+)\s*\}")
 _TEXT = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _UNIT_TEXT = re.compile(_TEXT.pattern + r"(?:\s*\^\s*(?:\{\d\}|\d))?")   # 5\text{cm}^2
 # only trailing text groups are units: a \text between numbers is words (5\text{or}6 is not 56)
@@ -170,6 +199,8 @@ def _clean(s) -> tuple[str, bool] | None:
     s = _BARE_SQRT.sub(r"\\sqrt", s)
     s = _SHORT_SECOND.sub(lambda m: f"\\frac{m[1]}{{{m[2]}}}",
                           _SHORT_FIRST.sub(lambda m: f"\\{m[1]}{{{m[2]}}}", s))
+    s = _MIXED.sub(lambda m: f"({m[1]}+\\frac{{{m[2]}}}{{{m[3]}}})"
+                   if int(m[2]) < int(m[3]) else m[0], s)
     percent = _PERCENT.search(s) is not None
     s = _PERCENT.sub("", s).strip().rstrip(".").strip()
     return (s, percent) if s else None
@@ -196,8 +227,31 @@ def _element(e: str, percent: bool) -> tuple:
                 return ("num", parse_number(candidate), percent)
             except NotANumber:
                 pass
+    value = _complex(no_text)
+    if value is not None:
+        return value
     text = re.sub(r"\s+", "", unwrapped)
     return ("str", _CHOICE.sub(r"\1", text) if _CHOICE.fullmatch(text) else text)
+
+
+# a + bi, a - i, bi, -i (i last, the real part first; a and b any number this module reads)
+_COMPLEX = re.compile(r"(?P<re>.*?)(?P<sign>(?<![{(^*/])[+-]|^)(?P<im>[^+-]*?)\s*(?:\*\s*)?i")
+
+
+def _complex(e: str) -> tuple | None:
+    """``("cplx", real, imaginary)`` surd dicts of ``a + bi``-style text, a real number
+    when the imaginary part is 0, else None."""
+    m = _COMPLEX.fullmatch(e.replace(" ", ""))
+    if m is None:
+        return None
+    try:
+        real = parse_number(m["re"]) if m["re"] else {}
+        imag = parse_number(m["im"]) if m["im"] else parse_number("1")
+    except NotANumber:
+        return None
+    if m["sign"] == "-":
+        imag = multiply(imag, parse_number("-1"))
+    return ("num", real, False) if not imag else ("cplx", real, imag)
 
 
 def _split_top(s: str) -> list[str]:
@@ -250,6 +304,8 @@ def _structure(s: str, percent: bool, depth: int = 0) -> tuple:
 def _canonical(v: tuple) -> str:
     if v[0] == "num":
         return format_number(v[1])
+    if v[0] == "cplx":
+        return f"{format_number(v[1])}+({format_number(v[2])})i"
     if v[0] == "str":
         return v[1]
     if v[0] == "seq":
@@ -300,7 +356,11 @@ def is_equivalent(pred: str | None, gold: str) -> bool:
     """Whether a predicted final answer equals the gold one (exactly, never by float).
 
     Equal canonical forms (see :func:`normalize_answer`), elementwise for
-    tuples; ``p%`` also matches ``p/100``. A missing or malformed side is False.
+    tuples; ``p%`` also matches ``p/100`` and ``p`` matches ``p%`` (so ``5000\\%``
+    equals 50: a percent sign on one side only is read as /100, by design). A
+    missing or malformed side is False. A text with several boxes answers with
+    its last box, or, where the gold answer has as many items, with all of them
+    as one list (``\\boxed{3} and \\boxed{4}`` answers ``3, 4``).
 
     >>> is_equivalent("50\\\\%", "0.5"), is_equivalent("0.333", r"\\frac13")
     (True, False)
@@ -314,7 +374,17 @@ def is_equivalent(pred: str | None, gold: str) -> bool:
     names = _assigned_name(pred), _assigned_name(gold)
     if None not in names and names[0] != names[1]:
         return False   # x = 3 does not answer y = 3
-    return _equal(a, b)
+    if _equal(a, b):
+        return True
+    boxes = extract_boxed_all(pred) if isinstance(pred, str) else []
+    if len(boxes) > 1 and b[0] in ("set", "seq"):
+        items = [_parse(box) for box in boxes]
+        if None in items:
+            return False
+        if b[0] == "seq":   # an ordered tuple: the boxes in their order
+            return len(items) == len(b[3]) and all(map(_equal, items, b[3]))
+        return sorted(_canonical(x) for x in items) == list(b[1])
+    return False
 
 
 def _assigned_name(s: str) -> str | None:

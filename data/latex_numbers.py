@@ -17,9 +17,11 @@ import re
 from fractions import Fraction
 
 __all__ = ["NotANumber", "parse_number", "format_number", "multiply",
-           "MAX_LITERAL_DIGITS", "MAX_VALUE_BITS", "MAX_RADICAND", "MAX_TERMS"]
+           "MAX_LITERAL_DIGITS", "MAX_EXPONENT", "MAX_VALUE_BITS", "MAX_RADICAND", "MAX_TERMS"]
 
-MAX_LITERAL_DIGITS = 60   # longer number literals are not numbers
+MAX_LITERAL_DIGITS = 1000  # longer number literals are not numbers (about 3,300 bits, inside
+                           # MAX_VALUE_BITS, so a long integer is compared exactly, not as text)
+MAX_EXPONENT = 1000       # |k| of a scientific literal 1.5e3 / 8.05e-06 (10**1000: 3,322 bits)
 MAX_VALUE_BITS = 4000     # numerators/denominators beyond this abort the parse
 MAX_RADICAND = 10**12     # square-free reduction by trial division up to 10**4
 MAX_TERMS = 64            # surd terms of a value: a product of sums grows their count
@@ -135,7 +137,7 @@ def _format(a: dict) -> str:
 
 
 # --------------------------------------------------------------- number parser
-_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?|\.\d+)|(\\[A-Za-z]+)|(\S))")
+_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?|(\\[A-Za-z]+)|(\S))")
 _WORDS = {"\\frac": "\\frac", "\\sqrt": "\\sqrt", "\\cdot": "*", "\\times": "*", "\\div": "/"}
 
 
@@ -147,12 +149,17 @@ def _lex(s: str) -> list:
         if m is None:   # only trailing whitespace is left
             break
         pos = m.end()
-        num, word, char = m.groups()
+        num, exponent, word, char = m.groups()
         if num is not None:
             whole, _, frac = num.partition(".")
             if len(whole) + len(frac) > MAX_LITERAL_DIGITS:
                 raise NotANumber("literal too long")
-            out.append(Fraction(int(whole or "0") * 10 ** len(frac) + int(frac or "0"), 10 ** len(frac)))
+            value = Fraction(int(whole or "0") * 10 ** len(frac) + int(frac or "0"), 10 ** len(frac))
+            if exponent is not None:   # scientific notation: 1.5e3, 8.05e-06, 2E+5
+                if len(exponent.lstrip("+-")) > 4 or abs(int(exponent)) > MAX_EXPONENT:
+                    raise NotANumber("exponent out of range")
+                value *= Fraction(10) ** int(exponent)
+            out.append(value)
         elif word is not None:
             if word not in _WORDS:
                 raise NotANumber(f"unknown command {word}")

@@ -11,7 +11,8 @@ dimension of its own, no biases, and an RMSNorm over head_dim applied to every
 query and key head *before* the rotary embedding (Qwen3's QK-norm). RoPE uses
 the rotate-half convention of Hugging Face transformers:
     inv_freq_i = theta^(-2i / head_dim),  i < head_dim / 2
-    rope(x) = [x1 cos - x2 sin, x2 cos + x1 sin],  x = [x1, x2] (halves).
+    rope(x) = [x1 cos - x2 sin, x2 cos + x1 sin],  x = [x1, x2] (halves),
+and its linear, dynamic and YaRN scalings (models/rope.py, ``rope_scaling``).
 
 Padding may be on either side: masked tokens are never attended to and, by
 default, positions count real tokens only (0 for the first real one), so a
@@ -36,6 +37,8 @@ import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from models.rope import RopeScaling, rope, rope_scaling_from_hf, rope_scaling_to_hf
 
 __all__ = ["DTYPES", "PRESETS", "Qwen3Config", "preset", "KVCache", "init_cache", "query_blocks",
            "default_positions", "rope", "RMSNorm", "Attention", "MLP",
@@ -76,8 +79,11 @@ class Qwen3Config:
     param_dtype: str = "float32"
     initializer_range: float = 0.02
     query_block: int = 0
+    rope_scaling: RopeScaling | None = None   # None: default RoPE (models/rope.py)
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):   # from model.json
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
         def check(name, ok, want):
             value = getattr(self, name)
             if not ok(value):
@@ -95,6 +101,8 @@ class Qwen3Config:
               f"a divisor of num_heads={self.num_heads}")
         for name in ("dtype", "param_dtype"):
             check(name, lambda v: v in DTYPES, f"one of {sorted(DTYPES)}")
+        check("rope_scaling", lambda v: v is None or isinstance(v, RopeScaling),
+              "None or a models.rope.RopeScaling")
 
     @property
     def compute_dtype(self):
@@ -120,11 +128,11 @@ class Qwen3Config:
         need("hidden_act", lambda v: v == "silu", "'silu'")
         need("attention_bias", lambda v: v is False, "false")
         need("use_sliding_window", lambda v: v is False, "false")
-        rope_params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"config.json: rope type {rope_type!r} is not supported "
-                             "(want 'default')")
+        # transformers 5's precedence: a non-empty rope_scaling replaces rope_parameters
+        # whole; rope_theta inside the winning dict beats the top-level key
+        key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+        rope_params = dict(d.get(key) or {})
+        scaling = rope_scaling_from_hf(rope_params, key, d)
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
                                "num_hidden_layers", "num_attention_heads") if k not in d]
         if missing:
@@ -136,8 +144,9 @@ class Qwen3Config:
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
             num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            rope_theta=float(d.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+            head_dim=d.get("head_dim") or 128,   # transformers' Qwen3Config default
+            rope_theta=float(rope_params.get("rope_theta", d.get("rope_theta") or 10000.0)),
+            rope_scaling=scaling,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             max_position_embeddings=d.get("max_position_embeddings", 32768),
@@ -156,7 +165,7 @@ class Qwen3Config:
             "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
             "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
-            "rope_theta": self.rope_theta, "rope_scaling": None,
+            "rope_theta": self.rope_theta, "rope_scaling": rope_scaling_to_hf(self.rope_scaling),
             "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "use_sliding_window": False, "initializer_range": self.initializer_range,
@@ -230,19 +239,6 @@ def default_positions(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array
     padded slots get the position of the previous real token (never used)."""
     counts = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
     return jnp.maximum(counts, 0) + jnp.asarray(offset, jnp.int32)
-
-
-def rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half convention. x: [B, T, N, D], positions: [B, T]."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None]  # [B, T, D/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    xf = x.astype(jnp.float32)
-    x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
 
 
 def query_blocks(length: int, block: int) -> tuple[tuple[int, int], ...]:
@@ -320,7 +316,8 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(d, **norm)
         self.num_kv_heads, self.head_dim = k, d
         self.groups = h // k
-        self.theta = config.rope_theta
+        self.rope_theta, self.rope_scaling = config.rope_theta, config.rope_scaling
+        self.max_positions = config.max_position_embeddings
         self.dtype = config.compute_dtype
         self.query_block = config.query_block
         self.record_probs = False   # static switch, see `with_attention_probs`
@@ -352,8 +349,10 @@ class Attention(nnx.Module):
             w = p[...].astype(self.dtype).reshape(e, n * d)
             return _rows_matmul(x, w).reshape(b, t, n, d)
 
-        q = rope(self.q_norm(project(self.q_proj, kh * g)), positions, theta=self.theta)
-        k = rope(self.k_norm(project(self.k_proj, kh)), positions, theta=self.theta)
+        rot = dict(theta=self.rope_theta, scaling=self.rope_scaling,
+                   max_position_embeddings=self.max_positions)
+        q = rope(self.q_norm(project(self.q_proj, kh * g)), positions, **rot)
+        k = rope(self.k_norm(project(self.k_proj, kh)), positions, **rot)
         k, v = k.transpose(0, 2, 3, 1), project(self.v_proj, kh).transpose(0, 2, 3, 1)
         if kv is not None:
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, 0, 0, offset))

@@ -1,4 +1,5 @@
 """Policy losses: surrogate, KL, entropy, aggregation, weighting; values and grads."""
+import dataclasses
 import functools
 import math
 
@@ -265,3 +266,72 @@ def test_bfloat16_inputs_are_finite_and_close_to_float32():
 def test_loss_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# GSPO: rows with per-token ratios [2, 8, (pad)] and [0.5, 1, 2]; sequence ratios
+# s_0 = exp((ln 2 + ln 8) / 2) = 4 and s_1 = exp((ln .5 + 0 + ln 2) / 3) = 1.
+GSPO_LOGP = jnp.log(jnp.array([[2.0, 8.0, 5.0], [0.5, 1.0, 2.0]]))
+GSPO_MASK = jnp.array([[True, True, False], [True, True, True]])
+
+
+def test_sequence_importance_ratio_hand(maybe_jit):
+    f = maybe_jit(chrpo.importance_ratio, level="sequence")
+    np.testing.assert_allclose(f(GSPO_LOGP, jnp.zeros((2, 3)), GSPO_MASK),
+                               [[4.0, 4.0, 4.0], [1.0, 1.0, 1.0]], rtol=1e-6)
+    token = chrpo.importance_ratio(GSPO_LOGP, jnp.zeros((2, 3)))
+    np.testing.assert_allclose(token, [[2.0, 8.0, 5.0], [0.5, 1.0, 2.0]], rtol=1e-6)
+    empty = chrpo.importance_ratio(GSPO_LOGP, jnp.zeros((2, 3)), jnp.zeros((2, 3), bool),
+                                   level="sequence")
+    np.testing.assert_allclose(empty, np.ones((2, 3)))       # no token: ratio 1, no NaN
+    with pytest.raises(ValueError, match="needs `mask`"):
+        chrpo.importance_ratio(GSPO_LOGP, jnp.zeros((2, 3)), level="sequence")
+    with pytest.raises(ValueError, match="importance level"):
+        chrpo.importance_ratio(GSPO_LOGP, jnp.zeros((2, 3)), level="segment")
+
+
+def _trl_sequence_loss(logp, old_logp, adv, mask, eps_low, eps_high):
+    """TRL GRPOTrainer's importance_sampling_level='sequence' loss, written out in numpy
+    from its formula: per-row mean log-ratio (count clamped at 1), clipped ratio,
+    -min(coef_1 A, coef_2 A) on every token, then the per-sequence mean."""
+    logp, old_logp, mask = np.asarray(logp, np.float64), np.asarray(old_logp), np.asarray(mask)
+    log_w = ((logp - old_logp) * mask).sum(-1) / np.maximum(mask.sum(-1), 1.0)
+    coef_1 = np.exp(log_w)[:, None]
+    coef_2 = np.clip(coef_1, 1 - eps_low, 1 + eps_high)
+    per_token = -np.minimum(coef_1 * adv[:, None], coef_2 * adv[:, None])
+    return ((per_token * mask).sum(-1) / np.maximum(mask.sum(-1), 1.0)).mean()
+
+
+@pytest.mark.parametrize("adv", [[1.0, -1.0], [-0.5, 2.0]])
+def test_gspo_preset_matches_the_sequence_level_formula(adv):
+    cfg = chrpo.get_preset("gspo").loss
+    assert (cfg.importance_level, cfg.aggregation, cfg.kl_coef) == (
+        "sequence", "seq-mean-token-mean", 0.0)
+    rng = np.random.default_rng(0)
+    logp = jnp.asarray(rng.normal(-1.0, 0.3, (2, 3)), jnp.float32)
+    old = logp + jnp.asarray(rng.normal(0.0, 1e-3, (2, 3)), jnp.float32)
+    adv = jnp.asarray(adv)
+    out = chrpo.policy_loss(logp, old, adv, GSPO_MASK, **dataclasses.asdict(cfg))
+    want = _trl_sequence_loss(logp, old, np.asarray(adv), GSPO_MASK, cfg.eps_low, cfg.eps_high)
+    np.testing.assert_allclose(float(out.loss_sum / out.denominator), want, rtol=1e-5)
+    # by hand on the rows above: s = [4, 1] is clipped to [1.0004, 1] for A > 0
+    hand = chrpo.policy_loss(GSPO_LOGP, jnp.zeros((2, 3)), jnp.array([1.0, 1.0]), GSPO_MASK,
+                             eps_low=3e-4, eps_high=4e-4, importance_level="sequence",
+                             aggregation="seq-mean-token-mean")
+    np.testing.assert_allclose(float(hand.loss_sum / hand.denominator),
+                               (-1.0004 - 1.0) / 2, rtol=1e-6)
+    np.testing.assert_allclose(float(hand.metrics["clip_high_fraction"]), 2 / 5)
+
+
+def test_gspo_gradient_flows_through_the_mean_log_ratio():
+    """d/d logp_t of -s_i A_i (unclipped) is -A_i s_i / |y_i| on each of the row's tokens."""
+    mask = jnp.array([[True, True, False]])
+
+    def loss(logp):
+        out = chrpo.policy_loss(logp, jnp.zeros((1, 3)), jnp.array([2.0]), mask,
+                                eps_low=0.9, eps_high=10.0, importance_level="sequence")
+        return out.loss_sum / out.denominator
+
+    logp = jnp.log(jnp.array([[2.0, 8.0, 5.0]]))
+    g = jax.grad(loss)(logp)
+    # token-mean over 2 tokens of -4 * 2 on each: d/dlogp_t = -(2 * 4 / 2) for t < 2
+    np.testing.assert_allclose(g, [[-4.0, -4.0, 0.0]], rtol=1e-6)

@@ -141,7 +141,7 @@ def test_registry_lookups():
         "advantage": ("drgrpo", "grpo", "hierarchical", "rloo"),
         "kl": ("k1", "k2", "k3"),
         "aggregation": ("seq-mean-token-mean", "seq-mean-token-sum-norm", "token-mean"),
-        "preset": ("chrpo", "dapo", "drgrpo", "grpo")}
+        "preset": ("chrpo", "dapo", "drgrpo", "grpo", "gspo")}
 
 
 @pytest.mark.parametrize("call, message", [

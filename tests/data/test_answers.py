@@ -24,7 +24,7 @@ PAIRS = [
     ("\\tfrac{3}{6}", "0.5", True), ("\\frac1{2}", "0.5", True), ("\\frac{1}2", "0.5", True),
     ("-\\frac{1}{2}", "\\frac{-1}{2}", True), ("\\frac{1}{-2}", "-0.5", True),
     ("\\frac{1}{2}", "-\\frac{1}{2}", False), ("\\frac{3}{4}", "\\frac{4}{3}", False),
-    ("\\frac{10}{4}", "2.5", True), ("7/2", "3.5", True), ("2\\frac{1}{2}", "\\frac52", False),
+    ("\\frac{10}{4}", "2.5", True), ("7/2", "3.5", True), ("2\\frac{1}{2}", "\\frac52", True),
     ("2\\frac{1}{2}", "1", False),
     # percentages
     ("50\\%", "50", True), ("50%", "0.5", True), ("50\\%", "5", False), ("0.5\\%", "0.005", True),
@@ -197,3 +197,62 @@ def test_text_and_words_that_change_the_answer_are_not_dropped(pred, gold):
 ])
 def test_units_and_assignments_still_match(pred, gold):
     assert is_equivalent(pred, gold)
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    # scientific notation, on either side, exactly
+    ("1.5e3", "1500", True), ("1500", "1.5e3", True), ("8.05e-06", "0.00000805", True),
+    ("8.05e-06", "8.05e-6", True), ("8.05E-06", "8.05e-06", True), ("2e+5", "200000", True),
+    ("8.05e-06", "8.05e-05", False), ("1.5e3", "150", False), ("1e1001", "1e1001", True),
+    # beyond MAX_EXPONENT the literal is text: equal only to the same text
+    ("1e1001", "1e1000", False),
+    # big integers compared exactly, not as text
+    ("1" * 70 + ".0", "1" * 70, True), ("1" * 70, "1" * 69 + "2", False),
+    ("9" * 900, "9" * 900 + ".00", True),
+    # dashes that stand for minus signs
+    ("\u20103", "-3", True), ("\u20113", "-3", True), ("\u20123", "-3", True),
+    ("\ufe633", "-3", True), ("\uff0d3", "-3", True), ("\u20143", "-3", False),
+    # mixed numbers: an integer and a proper fraction of integers
+    ("2\\frac{1}{2}", "2.5", True), ("-2\\frac{1}{2}", "-5/2", True), ("3 \\frac34", "15/4", True),
+    ("2\\frac{1}{2}", "1", False), ("10^2\\frac{1}{2}", "100.5", False),
+    # several boxes: the last one, or all of them where the gold answer is a list of as many
+    ("\\boxed{3} and \\boxed{4}", "3, 4", True), ("\\boxed{4} and \\boxed{3}", "3, 4", True),
+    ("\\boxed{3} and \\boxed{4}", "(3, 4)", True), ("\\boxed{4} and \\boxed{3}", "(3, 4)", False),
+    ("\\boxed{3} and \\boxed{4}", "4", True), ("\\boxed{3} and \\boxed{4}", "3", False),
+    ("\\boxed{3} and \\boxed{4}", "3, 4, 5", False), ("\\boxed{3}", "3, 4", False),
+    # \text never merges the numbers around it
+    ("3\\text{ or }-3", "0", False), ("2 \\text{ or } (3)", "6", False),
+])
+def test_issue_22_answer_forms(pred, gold, expected):
+    assert is_equivalent(pred, gold) is expected
+
+
+def test_extract_boxed_all_takes_outermost_boxes_in_order():
+    from data.answers import extract_boxed_all
+    assert extract_boxed_all(r"\boxed{1} then \boxed{\boxed{2}} and \boxed{}") == ["1", r"\boxed{2}"]
+    assert extract_boxed_all(r"\boxed{1} \boxed{2") == ["1"]
+    assert extract_boxed_all(None) == [] and extract_boxed_all("no box") == []
+
+
+def test_the_largest_answers_get_a_verdict():
+    """At the bounds (the longest literal, the largest exponent, many roots, deep nesting)
+    the checker answers True or False and raises nothing."""
+    from data.latex_numbers import MAX_EXPONENT, MAX_LITERAL_DIGITS
+    worst = ["9" * MAX_LITERAL_DIGITS, "9" * 500 + f"e{MAX_EXPONENT}",
+             " + ".join(["\\sqrt{%d}" % p for p in range(2, 99)]),
+             "\\boxed{1}" * 100, "(" * 40 + "1" + ")" * 40]
+    for text in worst:
+        assert is_equivalent(text, text + " ") in (True, False)
+    assert is_equivalent("9" * 990, "9" * 990 + ".0")   # inside MAX_ANSWER_CHARS too
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("-7+1i", "-7.0 + 1.0i", True), ("-7+i", "-7+1i", True), ("3i", "3*i", True),
+    ("-i", "-1i", True), ("i", "1i", True), ("5+0i", "5", True),
+    ("\\frac12+\\frac{\\sqrt3}{2}i", "0.5 + \\frac{\\sqrt{3}}{2} i", True),
+    ("1+2i, 3", "3, 1+2i", True), ("x = 2-3i", "2-3i", True),
+    ("2-3i", "2+3i", False), ("-7+1i", "-7", False), ("1i", "1", False),
+    ("\\pi", "i", False), ("xi", "x", False),
+])
+def test_complex_numbers_are_read_as_numbers(pred, gold, expected):
+    assert is_equivalent(pred, gold) is expected

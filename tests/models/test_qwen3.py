@@ -97,7 +97,10 @@ def test_hf_dict_round_trip_and_unsupported_keys():
     assert Qwen3Config.from_hf_dict(v5).rope_theta == 5e5
     for key, value in [("hidden_act", "gelu"), ("attention_bias", True),
                        ("use_sliding_window", True), ("model_type", "llama"),
-                       ("rope_scaling", {"rope_type": "yarn", "factor": 4.0})]:
+                       ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}),
+                       ("rope_scaling", {"rope_type": "yarn", "factor": 4.0, "mrope": 1}),
+                       ("rope_scaling", {"rope_type": "linear"}),
+                       ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4})]:
         with pytest.raises(ValueError, match=key.split("_")[0]):
             Qwen3Config.from_hf_dict(dict(c.to_hf_dict(), **{key: value}))
 
