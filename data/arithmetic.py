@@ -74,6 +74,8 @@ class ArithmeticConfig:
     restate: str = "paraphrase"  # 'quote': each step restates its question sentence verbatim,
                                  # and the closing line the question's last sentence;
                                  # 'quote_steps': the steps only (closing as in 'paraphrase')
+    mark_last: bool = False      # the last step's restatement says it is the last
+                                 # (data/arithmetic_cot.py LAST_QUOTE / LAST_LEAD)
 
     def __post_init__(self):
         def bad(name, why):
@@ -93,6 +95,8 @@ class ArithmeticConfig:
         if isinstance(self.pad_width, bool) or not isinstance(self.pad_width, int) \
                 or not 0 <= self.pad_width <= 6:
             bad("pad_width", "must be an int in [0, 6] (0: numbers as they are)")
+        if not isinstance(self.mark_last, bool):
+            bad("mark_last", "must be a bool")
         if self.restate not in RESTATE_MODES:
             bad("restate", f"must be one of {RESTATE_MODES}")
         if not 2 <= self.max_digits <= 6:
@@ -205,7 +209,8 @@ def generate_problem(seed: int, index: int, config: ArithmeticConfig | None = No
     w.text(cot.START_RESTATE, "restate")
     quotes = sentences[1:1 + n_steps] if c.restate != "paraphrase" else [None] * n_steps
     partials = sum(cot.write_step(w, k, st, p_hedge=c.p_hedge, p_check=c.p_check,
-                                  p_dead_end=c.p_dead_end, p_result=c.p_result, quote=quotes[k])
+                                  p_dead_end=c.p_dead_end, p_result=c.p_result, quote=quotes[k],
+                                  last=c.mark_last and k == n_steps - 1)
                    for k, st in enumerate(steps))
     closing = w.pick(cot.CLOSING)
     if c.restate == "quote":   # the question's last sentence too, so that the chain

@@ -55,6 +55,11 @@ RESTATE = {
 QUOTE_OP = {"add": " So I add.", "sub": " So I subtract.", "mul": " So I multiply.",
             "div": " So I divide."}
 """After a quoted question sentence (``restate='quote'``): the operation it asks for."""
+LAST_QUOTE = " That is the last change."
+"""Between the last step's quoted sentence and its operation (``mark_last``): written where
+the model, still copying the question, can see that the question asks next."""
+LAST_LEAD = "Last, "
+"""The paraphrased last step's lead (``mark_last``), in place of :data:`LATER`."""
 START = "{N} has {v} {items}."
 ASK = ("How many {items} does {N} have now?", "How many {items} does {N} end up with?")
 OPENING = ("Okay, let me think.", "Alright, let me work it out.", "Let me figure this out.")
@@ -161,16 +166,20 @@ def _check(step: Step, width: int) -> str:
 
 
 def write_step(w: ChainWriter, k: int, step: Step, *, p_hedge: float, p_check: float,
-               p_dead_end: float, p_result: float, quote: str | None = None) -> bool:
+               p_dead_end: float, p_result: float, quote: str | None = None,
+               last: bool = False) -> bool:
     """Append the spans of step ``k``; returns whether partial products were written.
 
     ``quote``: the step's question sentence, restated word for word (then the
     operation it asks for) instead of the paraphrase of :data:`RESTATE`.
+    ``last``: the restatement says this is the last step (:data:`LAST_QUOTE`,
+    :data:`LAST_LEAD`).
     """
     if quote is not None:
-        w.spans.append(("\n" + quote + QUOTE_OP[step.op], FILLER, False, "restate"))
+        mark = LAST_QUOTE if last else ""
+        w.spans.append(("\n" + quote + mark + QUOTE_OP[step.op], FILLER, False, "restate"))
     else:
-        lead = w.pick(FIRST) if k == 0 else w.pick(LATER)
+        lead = LAST_LEAD if last and k > 0 else w.pick(FIRST) if k == 0 else w.pick(LATER)
         w.text("\n" + lead + RESTATE[step.op][step.variant], "restate", a=step.a)
     if w.rng.random() < p_hedge:
         w.text(w.pick(HEDGES), "hedge")

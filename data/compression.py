@@ -3,7 +3,7 @@
 Compression at ratio g keeps the ``k = num_kept(N, g)`` highest-scoring of N
 chain-of-thought tokens in their original order (Extra-CoT, stage 1). Then each
 compressed sample is filed under the level whose window holds its *measured*
-ratio (CHRPO.md, stage 2), and only questions present at every level are kept.
+ratio (docs/method.md, stage 2), and only questions present at every level are kept.
 """
 from __future__ import annotations
 
@@ -168,6 +168,78 @@ def importance_scores(levels: np.ndarray, span_index: np.ndarray, is_equation: n
     scores = np.empty(n, dtype=np.float32)
     scores[order] = (n - np.arange(n, dtype=np.float64)) / max(n, 1)
     return scores
+
+
+SENTENCE_ENDS = (".", "?", "!")
+
+
+def sentence_units(pieces: Sequence[str]) -> np.ndarray:
+    """Unit id (0, 1, ...) of each token of a chain, from the tokens' text ``pieces``.
+
+    A unit starts at a token whose text begins with a line break, and after a
+    token whose text ends a sentence (:data:`SENTENCE_ENDS`, trailing spaces
+    aside). So ``"\\n05-03=02"`` (an equation line with its line break),
+    ``"\\nHe gives away 3 beads."`` and ``" So I subtract."`` are three units.
+
+    Example: ``sentence_units(["He", " buys", " 3", ".", " So", " I", " add", ".", "\\n", "0", "5"])``
+    -> ``[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2]``.
+    """
+    out = np.zeros(len(pieces), dtype=np.int64)
+    unit, ended = 0, False
+    for t, piece in enumerate(pieces):
+        if t and (ended or piece.startswith("\n")):
+            unit += 1
+        out[t] = unit
+        ended = piece.rstrip(" ").endswith(SENTENCE_ENDS)
+    return out
+
+
+def unit_keep_mask(scores: Sequence[float] | np.ndarray, units: Sequence[int] | np.ndarray,
+                   ratio: float, *, priority: Sequence[int] | np.ndarray | None = None
+                   ) -> np.ndarray:
+    """Keep whole units: at most ``num_kept(N, ratio)`` tokens, no unit cut apart.
+
+    ``units[t]`` is token t's unit id; a unit is a run of equal ids (e.g.
+    :func:`sentence_units`). Units are taken by ``priority`` (per token, a unit
+    takes its largest; default 0), then by their mean score, highest first
+    (ties: the earlier unit); one that no longer fits is passed over and later,
+    smaller ones may still fill the room. With the equation lines at priority 1
+    (the compress stage does so) no text is kept while a step equation that
+    fits is dropped. The measured ratio is therefore at most
+    ``ratio`` and usually a little below it; re-bucketing by measured ratio
+    (:func:`rebucket`) files the result under the level it reached.
+
+    Example: ``unit_keep_mask([.9, .9, .1, .1, .5], [0, 0, 1, 1, 2], 0.6)`` keeps
+    units 0 and 2 -> ``[T, T, F, F, T]``.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    u = np.asarray(units)
+    if s.ndim != 1 or u.shape != s.shape:
+        raise ValueError(f"scores and units must be [N] arrays of one length, got "
+                         f"{s.shape} and {u.shape}")
+    n = s.shape[0]
+    keep = np.zeros(n, dtype=bool)
+    if n == 0:
+        return keep
+    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
+    ends = np.r_[starts[1:], n]
+    means = np.add.reduceat(s, starts) / (ends - starts)
+    if priority is None:
+        first = np.zeros(len(starts))
+    else:
+        p = np.asarray(priority)
+        if p.shape != s.shape:
+            raise ValueError(f"priority must have the shape of scores {s.shape}, got {p.shape}")
+        first = np.maximum.reduceat(p, starts)
+    room = num_kept(n, ratio)
+    for i in sorted(range(len(starts)), key=lambda i: (-first[i], -means[i], i)):
+        size = int(ends[i] - starts[i])
+        if size <= room:
+            keep[starts[i]:ends[i]] = True
+            room -= size
+            if room == 0:
+                break
+    return keep
 
 
 def compress(ids: Sequence[int], scores: Sequence[float] | np.ndarray, ratio: float) -> list[int]:

@@ -11,21 +11,22 @@
 - ``compress``: each kept CoT is compressed at every ratio of ``compress.ratios``
   from one scoring pass, each result is re-bucketed by its *measured* ratio
   (``data.compression.rebucket``), and only questions present at every level are
-  kept (``complete_questions``). Written twice: ``formula.jsonl`` (Extra-CoT) and
+  kept (``complete_questions``); with ``compress.units='sentences'`` the formula-aware
+  compressor keeps whole sentences and lines, never a part of one. Written twice: ``formula.jsonl`` (Extra-CoT) and
   ``baseline.jsonl`` (the TokenSkip-style data; ``baseline_scorer='base_lm'``
   scores tokens by their surprisal under the base model itself, in context).
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from data.compression import CompressedCoT, complete_questions, rebucket
-from data.formats import LEVELS, THINK_OPEN, build_prompt
+from data.compression import CompressedCoT, complete_questions, rebucket, sentence_units
+from data.formats import EQUATION_TEXT, LEVELS, THINK_OPEN, build_prompt
 from experiments import rundir
 from experiments.datasets import read_questions
 from experiments.rollouts import answer_questions, place_model
@@ -33,7 +34,8 @@ from experiments.train_compressor import compress_batch, load_compressor
 from models import sharding
 from models.compressor import Scorer, surprisal_scorer
 
-__all__ = ["compressor_config", "compressor", "selfcot", "compressed_rows", "compress",
+__all__ = ["compressor_config", "compressor", "selfcot", "equation_lines", "compressed_rows",
+           "compress",
            "STAGES"]
 
 
@@ -92,17 +94,63 @@ def selfcot(config, run: rundir.Run) -> dict:
             "think_tokens": float(np.mean([j.think_length for j in judged]))}
 
 
-def compressed_rows(scorer: Scorer, question_ids, cots: list[dict], ratios) -> list[dict]:
-    """Rows {uid, level, ratio, cot_ids} of the questions present at every level."""
-    kept = compress_batch(scorer, question_ids, [c["cot_ids"] for c in cots], ratios)
+def equation_lines(pieces: Sequence[str], units: np.ndarray) -> np.ndarray:
+    """1 on the tokens of every unit that is a line holding one equation and nothing
+    else (``data.formats.EQUATION_TEXT``: a step ``05-03=02``, not a check inside a
+    sentence), else 0: the formulas a unit-wise compression keeps first."""
+    out = np.zeros(len(pieces), dtype=np.int64)
+    for u in np.unique(units):
+        where = np.flatnonzero(units == u)
+        text = "".join(pieces[t] for t in where)
+        if text.startswith("\n") and EQUATION_TEXT.fullmatch(text.strip()):
+            out[where] = 1
+    return out
+
+
+def compressed_rows(scorer: Scorer, question_ids, cots: list[dict], ratios, *,
+                    pieces: Sequence[str] | None = None) -> list[dict]:
+    """Rows {uid, level, ratio, cot_ids} of the questions present at every level.
+
+    ``pieces`` (the text of every token id): keep whole sentences and lines
+    (``data.compression.sentence_units``) instead of single tokens, the lines that
+    are one equation first (:func:`equation_lines`); and where a level's window
+    holds both chains that keep every equation line and chains that lost one (the
+    equations alone exceed the smaller ratio), only the whole ones compete for it."""
+    ids = [c["cot_ids"] for c in cots]
+    units = priority = None
+    if pieces is not None:
+        texts = [[pieces[t] for t in row] for row in ids]
+        units = [sentence_units(row) for row in texts]
+        priority = [equation_lines(row, u) for row, u in zip(texts, units)]
+    kept = compress_batch(scorer, question_ids, ids, ratios, units=units, priority=priority)
     samples = [CompressedCoT(question_id=c["uid"], target_ratio=float(g), think_ids=tuple(ids),
                              full_length=len(c["cot_ids"]))
                for c, by_ratio in zip(cots, kept) for g, ids in by_ratio.items()]
+    if pieces is not None:
+        samples = _whole_formulas_first(samples, {c["uid"]: p for c, p in zip(cots, priority)},
+                                        {c["uid"]: u for c, u in zip(cots, units)}, pieces)
     buckets = complete_questions(rebucket(samples, one_per_level=True), LEVELS)
     order = {c["uid"]: i for i, c in enumerate(cots)}
     rows = [{"uid": uid, "level": level, "ratio": s.measured_ratio, "cot_ids": list(s.think_ids)}
             for level in LEVELS for uid, group in buckets[level].items() for s in group]
     return sorted(rows, key=lambda r: (order[r["uid"]], r["level"]))
+
+
+def _whole_formulas_first(samples: list[CompressedCoT], priority: dict, units: dict,
+                          pieces: Sequence[str]) -> list[CompressedCoT]:
+    """Drop a sample that lost an equation line when another sample of the same
+    question in the same level window kept them all."""
+    def equation_lines_kept(s):
+        text = "".join(pieces[t] for t in s.think_ids)
+        return sum(bool(EQUATION_TEXT.fullmatch(line.strip())) for line in text.split("\n"))
+
+    def whole(s):
+        source = units[s.question_id][priority[s.question_id] > 0]
+        return equation_lines_kept(s) >= len(np.unique(source))
+
+    flags = [whole(s) for s in samples]
+    has_whole = {(s.question_id, s.level) for s, ok in zip(samples, flags) if ok}
+    return [s for s, ok in zip(samples, flags) if ok or (s.question_id, s.level) not in has_whole]
 
 
 def _stats(rows: list[dict], prefix: str) -> dict:
@@ -124,7 +172,9 @@ def compress(config, run: rundir.Run) -> dict:
     out_dir = run.stage_dir("compress")
     formula, _ = load_compressor(run.path("compressor"), batch_size=config.compress.batch_size)
     plain = [tok.encode(questions[c["uid"]].question) for c in cots]
-    rows = compressed_rows(formula, plain, cots, ratios)
+    pieces = ([tok.decode([i]) for i in range(tok.vocab_size)]
+              if config.compress.units == "sentences" else None)
+    rows = compressed_rows(formula, plain, cots, ratios, pieces=pieces)
     rundir.write_jsonl(os.path.join(out_dir, "formula.jsonl"), rows)
     summary = _stats(rows, "formula")
     if config.compress.baseline_scorer == "trained":

@@ -129,6 +129,7 @@ def model_config(block: ml_collections.ConfigDict, vocab_size: int) -> Qwen3Conf
                        head_dim=block.head_dim, rope_theta=float(block.rope_theta),
                        max_position_embeddings=block.max_position_embeddings,
                        dtype=block.dtype, param_dtype=block.param_dtype,
+                       initializer_range=float(block.get("initializer_range", 0.02)),
                        query_block=_query_block(block))
 
 

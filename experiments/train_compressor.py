@@ -34,7 +34,7 @@ from flax import nnx
 
 from data.arithmetic import (ESSENTIAL, FILLER, FILLER_SUB_RANK, Problem, align_spans,
                              generate_problems, load_problems, tokenizer_corpus)
-from data.compression import keep_mask_batch
+from data.compression import keep_mask_batch, unit_keep_mask
 from data.formats import SEP
 from data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
 from experiments import cli
@@ -357,15 +357,27 @@ def load_compressor(run_dir: str, *, batch_size: int = 32) -> tuple[Scorer, Toke
 
 
 def compress_batch(scorer: Scorer, question_ids: Sequence[Sequence[int]],
-                   cot_ids: Sequence[Sequence[int]], ratios: Sequence[float]
+                   cot_ids: Sequence[Sequence[int]], ratios: Sequence[float], *,
+                   units: Sequence[np.ndarray] | None = None,
+                   priority: Sequence[np.ndarray] | None = None
                    ) -> list[dict[float, list[int]]]:
     """Compressed CoT ids of every row at every ratio, from ONE forward pass.
 
     Row b at ratio g keeps ``data.compression.num_kept(N_b, g)`` tokens (top keep-scores,
-    ties to the earlier token) in their original order.
+    ties to the earlier token) in their original order. With ``units`` (row b's unit id
+    per token, e.g. ``data.compression.sentence_units``) whole units are kept instead,
+    at most that many tokens (``data.compression.unit_keep_mask``, with row b's
+    ``priority`` when given).
     """
     scores, lengths = scorer.padded(question_ids, cot_ids)
-    masks = {float(g): keep_mask_batch(scores, lengths, float(g)) for g in ratios}
+    if units is None:
+        masks = {float(g): keep_mask_batch(scores, lengths, float(g)) for g in ratios}
+    else:
+        if len(units) != len(cot_ids):
+            raise ValueError(f"units has {len(units)} rows for {len(cot_ids)} chains")
+        masks = {float(g): [unit_keep_mask(scores[b, :lengths[b]], units[b], float(g),
+                                           priority=None if priority is None else priority[b])
+                            for b in range(len(cot_ids))] for g in ratios}
     return [{g: [int(t) for t, k in zip(cot_ids[b], m[b]) if k] for g, m in masks.items()}
             for b in range(len(cot_ids))]
 

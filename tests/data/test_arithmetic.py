@@ -271,3 +271,27 @@ def test_quote_mode_restates_each_question_sentence_verbatim():
     assert not [s for s in p.spans if s.kind == "narration"][-1].text.startswith("\nHow many")
     with pytest.raises(ValueError, match="restate"):
         ArithmeticConfig(restate="verbatim")
+
+
+@pytest.mark.parametrize("restate", ["quote_steps", "paraphrase"])
+def test_mark_last_marks_the_last_step_and_no_other(restate):
+    from data.arithmetic_cot import LAST_LEAD, LAST_QUOTE
+    kw = dict(max_steps=3, max_digits=2, max_operand=11, max_start=20, pad_width=2,
+              restate=restate)
+    marked = generate_problems(8, 40, ArithmeticConfig(mark_last=True, **kw))
+    plain = generate_problems(8, 40, ArithmeticConfig(**kw))
+    for p, q in zip(marked, plain):
+        assert p.question == q.question and p.answer == q.answer   # the text of the task stays
+        restated = [s.text for s in p.spans if s.kind == "restate" and "o I " in s.text]
+        assert len(restated) == p.difficulty.n_steps
+        if restate == "quote_steps":
+            # the marker sits right after the quoted sentence, before its operation
+            assert [LAST_QUOTE + " So I " in t for t in restated] == \
+                [False] * (len(restated) - 1) + [True]
+        else:
+            assert [t.startswith("\n" + LAST_LEAD) for t in restated] == \
+                [False] * (len(restated) - 1) + [p.difficulty.n_steps > 1]
+        assert LAST_QUOTE not in q.cot and not any(
+            s.text.startswith("\n" + LAST_LEAD) for s in q.spans)
+    with pytest.raises(ValueError, match="mark_last"):
+        ArithmeticConfig(mark_last=1)

@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 from data.compression import (CompressedCoT, annotation_order, complete_questions, compress,
                               importance_scores, keep_mask, keep_mask_batch, level_for_ratio,
-                              measured_ratio, num_kept, rebucket)
+                              measured_ratio, num_kept, rebucket, sentence_units,
+                              unit_keep_mask)
 
 
 @pytest.mark.parametrize("n, ratio, expected", [
@@ -139,3 +140,54 @@ def test_sub_rank_orders_inside_a_level():
     assert order.tolist() == [2, 3, 1, 4, 0]
     with pytest.raises(ValueError, match="sub_rank"):
         annotation_order(levels, spans, is_eq, sub_rank=sub[:3])
+
+
+def test_sentence_units_by_hand():
+    pieces = ["Ben", " has", " 3", ".", "\n", "He", " buys", " 8", ".", " So", " I", " add", ".",
+              "\n", "0", "3", "+", "0", "8", "=", "1", "1", "\n", "So", " 11", ".  "]
+    assert sentence_units(pieces).tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2,
+                                               3, 3, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4]
+    assert sentence_units([]).tolist() == []
+    assert sentence_units(["?", "!", "a"]).tolist() == [0, 1, 2]
+
+
+def test_unit_keep_mask_by_hand():
+    scores = [.9, .9, .1, .1, .5, .8, .8, .8]
+    units = [0, 0, 1, 1, 2, 3, 3, 3]
+    # room 4 of 8: unit 0 (2), unit 3 (3) does not fit, unit 2 (1) does; unit 1 would not
+    assert unit_keep_mask(scores, units, 0.5).tolist() == [1, 1, 0, 0, 1, 0, 0, 0]
+    assert unit_keep_mask(scores, units, 0.65).tolist() == [1, 1, 0, 0, 0, 1, 1, 1]
+    assert unit_keep_mask(scores, units, 1.0).all() and not unit_keep_mask(scores, units, 0.0).any()
+    # a unit's rank is its mean score: [.9, .0] (mean .45) loses to [.5]
+    assert unit_keep_mask([.9, .0, .5], [0, 0, 1], 0.34).tolist() == [0, 0, 1]
+    with pytest.raises(ValueError, match="one length"):
+        unit_keep_mask([.1, .2], [0], 0.5)
+    with pytest.raises(ValueError, match="ratio"):
+        unit_keep_mask([.1], [0], 1.5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 6), st.floats(0.0, 1.0)), min_size=0, max_size=12),
+       st.floats(0.0, 1.0))
+def test_unit_keep_mask_never_cuts_a_unit_and_stays_within_the_count(units, ratio):
+    sizes = [size for size, _ in units]
+    unit_ids = np.repeat(np.arange(len(units)), sizes).astype(int)
+    scores = np.repeat([score for _, score in units], sizes)
+    mask = unit_keep_mask(scores, unit_ids, ratio)
+    n = len(unit_ids)
+    assert mask.sum() <= num_kept(n, ratio)
+    for u in range(len(units)):            # all or nothing of every unit
+        assert len(set(mask[unit_ids == u].tolist())) <= 1
+    # with single-token units it is exactly keep_mask
+    if n:
+        assert (unit_keep_mask(scores, np.arange(n), ratio) == keep_mask(scores, ratio)).all()
+
+
+def test_unit_keep_mask_priority_units_go_first():
+    scores = [.9, .9, .1, .1, .1]
+    units = [0, 0, 1, 1, 1]
+    # room 3 of 5: by score unit 0 (2 tokens) and nothing else fits; with unit 1 first it does
+    assert unit_keep_mask(scores, units, 0.6).tolist() == [1, 1, 0, 0, 0]
+    assert unit_keep_mask(scores, units, 0.6, priority=[0, 0, 0, 1, 0]).tolist() == [0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="priority"):
+        unit_keep_mask(scores, units, 0.6, priority=[0, 1])

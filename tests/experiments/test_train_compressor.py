@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from data.arithmetic import generate_problem
-from data.compression import num_kept
+from data.compression import num_kept, sentence_units, unit_keep_mask
 from data.formats import SEP
 from experiments import cli
 from experiments import train_compressor as tc
@@ -73,6 +73,25 @@ def test_compress_keeps_round_g_n_tokens_in_order_from_one_forward_pass(trained)
             assert len(row[g]) == k == num_kept(len(cot), g)
             assert row[g] == [cot[t] for t in sorted(order[:k])]  # top-k, original order
         assert set(row) == set(RATIOS)
+
+
+def test_compress_with_sentence_units_keeps_whole_sentences(trained):
+    scorer, tokenizer, examples = trained
+    questions = [e.question_ids for e in examples]
+    cots = [e.cot_ids.tolist() for e in examples]
+    pieces = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+    units = [sentence_units([pieces[t] for t in cot]) for cot in cots]
+    out = tc.compress_batch(scorer, questions, cots, RATIOS, units=units)
+    scores = scorer(questions, cots)
+    for row, cot, u, s in zip(out, cots, units, scores):
+        for g in RATIOS:
+            mask = unit_keep_mask(s[:len(cot)], u, g)
+            assert row[g] == [t for t, k in zip(cot, mask) if k]
+            assert len(row[g]) <= num_kept(len(cot), g)
+            kept_units = {int(x) for x, k in zip(u, mask) if k}
+            assert int(mask.sum()) == sum(int((u == x).sum()) for x in kept_units)
+    with pytest.raises(ValueError, match="rows"):
+        tc.compress_batch(scorer, questions, cots, RATIOS, units=units[:1])
 
 
 def test_second_run_resumes_from_the_checkpoint(run):
