@@ -12,9 +12,10 @@
   from one scoring pass, each result is re-bucketed by its *measured* ratio
   (``data.compression.rebucket``), and only questions present at every level are
   kept (``complete_questions``); with ``compress.units='sentences'`` the formula-aware
-  compressor keeps whole sentences and lines, never a part of one. Written twice: ``formula.jsonl`` (Extra-CoT) and
-  ``baseline.jsonl`` (the TokenSkip-style data; ``baseline_scorer='base_lm'``
-  scores tokens by their surprisal under the base model itself, in context).
+  compressor keeps whole sentences and lines, never a part of one. Written twice:
+  ``formula.jsonl`` (Extra-CoT) and ``baseline.jsonl`` (the TokenSkip-style data;
+  ``baseline_scorer='base_lm'`` scores tokens by their surprisal under the base model
+  itself, in context).
 """
 from __future__ import annotations
 
@@ -35,8 +36,7 @@ from models import sharding
 from models.compressor import Scorer, surprisal_scorer
 
 __all__ = ["compressor_config", "compressor", "selfcot", "equation_lines", "compressed_rows",
-           "compress",
-           "STAGES"]
+           "compress", "STAGES"]
 
 
 def compressor_config(block: ml_collections.ConfigDict, run: rundir.Run, *, name: str,
