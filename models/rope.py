@@ -140,8 +140,14 @@ def rope(x: jax.Array, positions: jax.Array, *, theta: float,
          scaling: RopeScaling | None = None, max_position_embeddings: int = 0) -> jax.Array:
     """Rotary embedding of ``x`` [B, T, N, D] at ``positions`` [B, T] (module docstring)."""
     d = x.shape[-1]
-    inv_np, scale = inv_frequencies(d, theta, scaling, max_position_embeddings=max_position_embeddings)
-    inv_freq = jnp.asarray(inv_np)
+    if scaling is None or scaling.rope_type == "dynamic":
+        # the default frequencies, computed by XLA as they always were here (numpy's float32
+        # power differs from it in the last bit for some head sizes, e.g. 24)
+        inv_freq, scale = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)), 1.0
+    else:
+        inv_np, scale = inv_frequencies(d, theta, scaling,
+                                        max_position_embeddings=max_position_embeddings)
+        inv_freq = jnp.asarray(inv_np)
     if scaling is not None and scaling.rope_type == "dynamic":
         n = (jnp.max(positions) + 1).astype(jnp.float32)
         length, f = float(max_position_embeddings), float(scaling.factor)
