@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from data.arithmetic import load_problems
+from data.compression import level_for_ratio
 from data.formats import LEVELS
 from experiments import cli, pipeline, rundir
 
@@ -119,7 +120,8 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     per_question = {}
     for r in rows:
         per_question.setdefault(r["uid"], set()).add(r["level"])
-        assert r["level"] / 100 - 0.1 <= r["ratio"] <= r["level"] / 100 + 0.1
+        # the level's own window ([0.3, 0.5) for 40: a ratio of exactly 0.3 is level 40)
+        assert level_for_ratio(r["ratio"]) == r["level"], r
     assert all(levels == set(LEVELS) for levels in per_question.values())
     calib = rundir.read_jsonl(run.path("calibrate", "calibration.jsonl"))
     assert len(calib) == config.data.sizes.rl
