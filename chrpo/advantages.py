@@ -6,6 +6,7 @@ anywhere in the batch. ``num_groups`` is static. For a group g with masked
 rewards {R_j : j in g} (n_g members, mean mu_g, standard deviation sigma_g):
 
     grpo          A_i = (R_i - mu_g) / (sigma_g + eps)        Shao et al. 2024
+    grpo-batch    A_i = (R_i - mu_g) / (sigma_batch + eps)    TRL scale_rewards="batch"
     drgrpo        A_i =  R_i - mu_g                          Liu et al. 2025
     rloo          A_i =  R_i - (sum_{j != i} R_j) / (n_g - 1)  Ahmadian et al. 2024
                       = n_g / (n_g - 1) * (R_i - mu_g)
@@ -47,7 +48,8 @@ from chrpo import _checks
 Array = jnp.ndarray
 
 __all__ = ["AdvantageConfig", "AdvantageResult", "ESTIMATORS", "nested_ids",
-           "grpo_advantages", "drgrpo_advantages", "rloo_advantages",
+           "grpo_advantages", "grpo_batch_advantages", "drgrpo_advantages",
+           "rloo_advantages",
            "hierarchical_advantages", "group_advantages"]
 
 
@@ -157,6 +159,21 @@ def grpo_advantages(rewards: Array, group_ids: Array, mask: Array | None = None,
     return _centered(r, ids, m, n, scale=True, leave_one_out=False, eps=eps, ddof=ddof)
 
 
+def grpo_batch_advantages(rewards: Array, group_ids: Array, mask: Array | None = None, *,
+                          num_groups: int, eps: float = 1e-6, ddof: int = 0) -> AdvantageResult:
+    """GRPO centred per group, scaled by one std over the whole batch:
+    ``A_i = (R_i - mean_g R) / (std_batch R + eps)`` (TRL's ``scale_rewards="batch"``,
+    after Hu et al. 2025, REINFORCE++). Constant groups get 0; the batch std is over every
+    unmasked rollout (0 when all are equal, and then every advantage is 0)."""
+    fn = "grpo_batch_advantages"
+    _check_hyper(fn, eps=eps, ddof=ddof)
+    r, ids, m, n = _prepare(fn, rewards, group_ids, mask, num_groups, "group_ids")
+    centred = _centered(r, ids, m, n, scale=False, leave_one_out=False, eps=1.0, ddof=0)
+    batch = _segment_stats(r, jnp.zeros_like(ids), m, 1, ddof)
+    adv = jnp.where(batch.constant[0], 0.0, centred.advantages / (batch.std[0] + eps))
+    return AdvantageResult(adv.astype(jnp.float32), centred.zero_variance, centred.nonempty)
+
+
 def drgrpo_advantages(rewards: Array, group_ids: Array, mask: Array | None = None, *,
                       num_groups: int) -> AdvantageResult:
     """Dr.GRPO: ``A_i = R_i - mean_g R`` (no std normalisation; Liu et al. 2025)."""
@@ -205,12 +222,14 @@ def hierarchical_advantages(rewards: Array, group_ids: Array, subgroup_ids: Arra
 
 ESTIMATORS = {
     "grpo": grpo_advantages,
+    "grpo-batch": grpo_batch_advantages,
     "drgrpo": drgrpo_advantages,
     "rloo": rloo_advantages,
     "hierarchical": hierarchical_advantages,
 }
 # Hyper-parameters each estimator takes (group_advantages passes only these).
-_HYPER = {"grpo": ("eps", "ddof"), "drgrpo": (), "rloo": (),
+_HYPER = {"grpo": ("eps", "ddof"), "grpo-batch": ("eps", "ddof"), "drgrpo": (),
+          "rloo": (),
           "hierarchical": ("eps", "ddof", "between_coef")}
 
 

@@ -24,11 +24,11 @@ from chrpo.advantages import group_advantages
 from chrpo.budget import budget_mask
 from chrpo.losses import policy_loss
 from chrpo.registry import ChrpoConfig
-from chrpo.rewards import TIER_NAMES, RewardInputs, reward_tiers, tiered_reward
+from chrpo.rewards import TIER_NAMES, RewardInputs, reward_of_kind, reward_tiers
 
 Array = jnp.ndarray
 
-__all__ = ["compute_advantages", "chrpo_objective"]
+__all__ = ["compute_advantages", "constrained_advantages", "chrpo_objective"]
 
 
 def compute_advantages(inputs: RewardInputs, group_ids: Array, *, num_groups: int,
@@ -46,8 +46,10 @@ def compute_advantages(inputs: RewardInputs, group_ids: Array, *, num_groups: in
       num_groups: static number of groups.
       subgroup_ids, num_subgroups: level subgroups ('hierarchical' only).
       sample_mask: bool [N], False for padding rollouts (advantage 0).
-      lagrange_multiplier: scalar lambda of the global budget.
-      config: ``ChrpoConfig`` (reward and advantage parts are used).
+      lagrange_multiplier: scalar lambda of the global budget: in the reward
+        (``global_mode='reward'``) or in ``constrained_advantages`` ('advantage').
+      config: ``ChrpoConfig`` (reward and advantage parts are used; the reward
+        is ``rewards.reward_of_kind``).
 
     Returns:
       ``(advantages [N] float32, metrics)`` with scalar metrics: reward_mean,
@@ -71,13 +73,17 @@ def compute_advantages(inputs: RewardInputs, group_ids: Array, *, num_groups: in
     n = tiers.shape
     sample_mask = _checks.mask_or_ones("compute_advantages", "sample_mask",
                                        sample_mask, n)
-    rewards = tiered_reward(tiers, inputs.level, inputs.ratio, inputs.target,
-                            config=config.reward,
-                            lagrange_multiplier=lagrange_multiplier)
+    rewards = reward_of_kind(tiers, inputs, group_ids, num_groups=num_groups,
+                             sample_mask=sample_mask, config=config.reward,
+                             lagrange_multiplier=lagrange_multiplier)
     result = group_advantages(rewards, group_ids, sample_mask, num_groups=num_groups,
                               subgroup_ids=subgroup_ids, num_subgroups=num_subgroups,
                               **dataclasses.asdict(config.advantage))
     adv = result.advantages
+    if config.reward.global_mode == "advantage":
+        adv = constrained_advantages(adv, inputs, group_ids, num_groups=num_groups,
+                                     sample_mask=sample_mask,
+                                     lagrange_multiplier=lagrange_multiplier)
     metrics = {
         "reward_mean": _checks.masked_mean(rewards, sample_mask),
         "advantage_mean": _checks.masked_mean(adv, sample_mask),
@@ -90,6 +96,32 @@ def compute_advantages(inputs: RewardInputs, group_ids: Array, *, num_groups: in
     for tier, name in enumerate(TIER_NAMES):
         metrics[f"tier/{name}"] = jnp.sum((tiers == tier) & sample_mask).astype(jnp.int32)
     return adv, metrics
+
+
+def constrained_advantages(advantages: Array, inputs: RewardInputs, group_ids: Array, *,
+                           num_groups: int, sample_mask: Array | None = None,
+                           lagrange_multiplier: Array | float = 0.0) -> Array:
+    """The Lagrangian advantage ``(A_R - lambda * A_c) / (1 + |lambda|)``, float32 [N].
+
+    ``A_c`` is the cost advantage: each rollout's realized ratio normalised in its
+    prompt group (GRPO's (r - mean) / (std + eps)), over the rollouts whose ratio
+    counts (``budget_mask``; 0 elsewhere), so it is on the reward advantage's scale
+    and lambda = 1 weighs cost and reward alike. The reward advantage ``A_R`` keeps
+    its tiers; the cost term is not capped, so a large enough lambda outweighs
+    them and the constraint binds. The form is PPO-Lagrangian's (Ray, Achiam & Amodei 2019, "Benchmarking Safe
+    Exploration in Deep RL"), whose 1 / (1 + lambda) keeps the advantage's scale;
+    a negative lambda (two-sided budget, ``update_pid_lagrange``) favours longer
+    rollouts. This project's choice (docs/chrpo.md, "A budget that binds").
+    """
+    fn = "constrained_advantages"
+    adv = _checks.as_float(_checks.check_rank(fn, "advantages", advantages, 1))
+    lam = _checks.as_float(_checks.check_rank(fn, "lagrange_multiplier",
+                                              lagrange_multiplier, 0))
+    counted = budget_mask(inputs.valid, inputs.has_target, sample_mask)
+    cost = group_advantages(_checks.as_float(inputs.ratio), group_ids, counted,
+                            num_groups=num_groups, estimator="grpo").advantages
+    cost = jnp.where(counted, cost, 0.0)
+    return ((adv - lam * cost) / (1.0 + jnp.abs(lam))).astype(jnp.float32)
 
 
 def chrpo_objective(logp: Array, old_logp: Array, token_mask: Array,

@@ -10,6 +10,8 @@ string; GRPO, Dr.GRPO and DAPO are *presets* of the one CHRPO implementation
     dapo     grpo          0.2, 0.28         token-mean               none (beta 0)
     chrpo    hierarchical  0.2, 0.28         token-mean               k3, beta 0.001
              + dual clip 3, control_weight 5, hierarchical reward
+    lcpo-exact, lcpo-max, length-penalty: the chrpo row's loss with the grpo
+             estimator and a peer's reward (rewards.lcpo_reward, length_penalty_reward)
 
 Sources: GRPO, Shao et al. 2024 (DeepSeekMath, eqs. 3-4, beta = 0.04);
 Dr.GRPO, Liu et al. 2025 ("Understanding R1-Zero-Like Training"; 'drgrpo'
@@ -77,6 +79,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "chrpo": dict(estimator="hierarchical", eps_low=0.2, eps_high=0.28, dual_clip=3.0,
                   aggregation="token-mean", kl_estimator="k3", kl_coef=0.001,
                   control_weight=5.0),
+    # peers of CHRPO's reward on CHRPO's loss (docs/chrpo.md, "Peer rewards"): LCPO-Exact and
+    # LCPO-Max of L1 (Aggarwal & Welleck 2025) and Kimi k1.5's length penalty, with GRPO's
+    # group-normalised advantage over all of a prompt's rollouts (L1 trains with GRPO)
+    **{kind: dict(kind=kind, estimator="grpo", eps_low=0.2, eps_high=0.28, dual_clip=3.0,
+                  aggregation="token-mean", kl_estimator="k3", kl_coef=0.001,
+                  control_weight=5.0)
+       for kind in ("lcpo-exact", "lcpo-max", "length-penalty")},
 }
 
 

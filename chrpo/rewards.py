@@ -47,6 +47,7 @@ import dataclasses
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -59,7 +60,9 @@ __all__ = ["TIER_INVALID", "TIER_WRONG", "TIER_OVER_BUDGET", "TIER_CORRECT",
            "TIER_WITHIN_BUDGET", "TIER_NAMES", "RewardConfig", "RewardInputs",
            "tier_bounds", "reward_tiers", "over_budget_penalty",
            "calibration_bonus", "ratio_bonus", "global_budget_penalty",
-           "tiered_reward", "hierarchical_reward"]
+           "tiered_reward", "hierarchical_reward", "REWARD_KINDS", "GLOBAL_MODES",
+           "BONUS_SHAPES",
+           "lcpo_reward", "length_penalty_reward", "reward_of_kind"]
 
 # Tier ids. Within one targeted question the reward increases with the id.
 TIER_INVALID = 0
@@ -68,6 +71,9 @@ TIER_OVER_BUDGET = 2
 TIER_CORRECT = 3          # correct answer to a question that has no target
 TIER_WITHIN_BUDGET = 4
 TIER_NAMES = ("invalid", "wrong", "over_budget", "correct", "within_budget")
+REWARD_KINDS = ("hierarchical", "lcpo-exact", "lcpo-max", "length-penalty")
+GLOBAL_MODES = ("reward", "advantage")
+BONUS_SHAPES = ("below", "peak")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -87,6 +93,20 @@ class RewardConfig:
       ratio_width: level distance above target at which the level bonus
         reaches 0 (0.8, the whole 0.2..1.0 range; > 0).
       global_cap: bound on the global budget term lambda * r (0.1; >= 0).
+      kind: which reward (``REWARD_KINDS``): 'hierarchical' (the tiers above),
+        or a peer method's: 'lcpo-exact', 'lcpo-max' (``lcpo_reward``),
+        'length-penalty' (``length_penalty_reward``).
+      global_mode: how the global budget's multiplier acts: 'reward' (the
+        bounded term g above) or 'advantage' (``objective.compute_advantages``:
+        a cost advantage weighted by lambda, unbounded, so the constraint can
+        outweigh the tiers; this project's, docs/chrpo.md).
+      lcpo_alpha: LCPO's slope per unit of ratio distance (1.0; >= 0).
+      lcpo_delta: LCPO-Max's offset (0.5, L1's value; in [0, 1]).
+      length_coef: weight of Kimi k1.5's length reward (1.0; >= 0).
+      bonus_shape: the level bonus's distance to the target: 'below' (the paper's:
+        full bonus for every k <= t) or 'peak' (full only at k = t, falling on
+        both sides: for targets that a budget's allocation set, where a level
+        below the target gives up accuracy the budget paid for; this project's).
     """
     tol: float = 0.1
     r_invalid: float = -1.0
@@ -98,10 +118,21 @@ class RewardConfig:
     b_ratio: float = 0.3
     ratio_width: float = 0.8
     global_cap: float = 0.1
+    kind: str = "hierarchical"
+    global_mode: str = "reward"
+    lcpo_alpha: float = 1.0
+    lcpo_delta: float = 0.5
+    length_coef: float = 1.0
+    bonus_shape: str = "below"
 
     def __post_init__(self):
         owner = "RewardConfig"
+        _checks.lookup({k: k for k in REWARD_KINDS}, self.kind, kind="reward kind")
+        _checks.lookup({k: k for k in GLOBAL_MODES}, self.global_mode, kind="global_mode")
+        _checks.lookup({k: k for k in BONUS_SHAPES}, self.bonus_shape, kind="bonus_shape")
         for f in dataclasses.fields(self):
+            if f.name in ("kind", "global_mode", "bonus_shape"):
+                continue
             v = getattr(self, f.name)
             ok = isinstance(v, (int, float)) and not isinstance(v, bool)
             _checks.check_value(owner, f.name, v, ok and math.isfinite(v),
@@ -112,7 +143,10 @@ class RewardConfig:
                             f"must be < r_wrong={c.r_wrong}")
         _checks.check_value(owner, "r_wrong", c.r_wrong, c.r_wrong < c.r_correct,
                             f"must be < r_correct={c.r_correct}")
-        for name in ("over_coef", "over_cap", "b_ratio", "global_cap"):
+        _checks.check_value(owner, "lcpo_delta", c.lcpo_delta, 0 <= c.lcpo_delta <= 1,
+                            "must be in [0, 1]")
+        for name in ("over_coef", "over_cap", "b_ratio", "global_cap", "lcpo_alpha",
+                     "length_coef"):
             _checks.check_value(owner, name, getattr(c, name),
                                 getattr(c, name) >= 0, "must be >= 0")
         _checks.check_value(owner, "ratio_width", c.ratio_width, c.ratio_width > 0,
@@ -215,16 +249,20 @@ def calibration_bonus(ratio: Array, level: Array, *, tol: float = RewardConfig.t
 
 
 def ratio_bonus(level: Array, target: Array, *, b_ratio: float = RewardConfig.b_ratio,
-                width: float = RewardConfig.ratio_width) -> Array:
-    """Level bonus ``b_ratio * max(0, 1 - max(k - t, 0) / width)`` in [0, b_ratio].
+                width: float = RewardConfig.ratio_width, shape: str = "below") -> Array:
+    """Level bonus ``b_ratio * max(0, 1 - dist(k, t) / width)`` in [0, b_ratio].
 
-    Largest (``b_ratio``) when the emitted level is at or below the question's
-    target, decreasing linearly as k rises above it, 0 from ``k >= t + width``.
+    ``shape='below'`` (the paper's): dist = max(k - t, 0), largest (``b_ratio``)
+    when the emitted level is at or below the question's target, decreasing
+    linearly as k rises above it, 0 from ``k >= t + width``. ``shape='peak'``:
+    dist = |k - t|, largest only at the target.
     """
     _checks.check_value("ratio_bonus", "width", width, width > 0, "must be > 0")
+    _checks.lookup({k: k for k in BONUS_SHAPES}, shape, kind="bonus shape")
     x = _check_inputs("ratio_bonus", level=level, target=target)
-    above = jnp.maximum(x["level"] - x["target"], 0.0)
-    return b_ratio * jnp.maximum(1.0 - above / width, 0.0)
+    gap = x["level"] - x["target"]
+    dist = jnp.abs(gap) if shape == "peak" else jnp.maximum(gap, 0.0)
+    return b_ratio * jnp.maximum(1.0 - dist / width, 0.0)
 
 
 def global_budget_penalty(ratio: Array, lagrange_multiplier: Array, *,
@@ -255,7 +293,8 @@ def tiered_reward(tiers: Array, level: Array, ratio: Array, target: Array, *,
     c = config
     penalty = over_budget_penalty(x["ratio"], x["level"], tol=c.tol, coef=c.over_coef,
                                   cap=c.over_cap)
-    bonus = ratio_bonus(x["level"], x["target"], b_ratio=c.b_ratio, width=c.ratio_width)
+    bonus = ratio_bonus(x["level"], x["target"], b_ratio=c.b_ratio, width=c.ratio_width,
+                        shape=c.bonus_shape)
     g = global_budget_penalty(x["ratio"], lagrange_multiplier, cap=c.global_cap)
     # Operation order matches tier_bounds (the float32 tier-order check).
     over_value = (c.r_correct - penalty) - g
@@ -309,3 +348,84 @@ def hierarchical_reward(valid: Array, correct: Array, level: Array, ratio: Array
     tiers = reward_tiers(valid, correct, level, ratio, has_target, tol=tol)
     return tiered_reward(tiers, level, ratio, target, config=config,
                          lagrange_multiplier=lagrange_multiplier)
+
+
+def lcpo_reward(correct: Array, ratio: Array, target_ratio: Array, has_target: Array, *,
+                exact: bool, alpha: float = _D.lcpo_alpha,
+                delta: float = _D.lcpo_delta) -> Array:
+    """LCPO's reward (Aggarwal & Welleck 2025, "L1", arXiv 2503.04697, section 3), float32 [N].
+
+        exact (LCPO-Exact):  R = 1[correct] - alpha * |t - r|
+        max   (LCPO-Max):    R = 1[correct] * clip(alpha * (t - r) + delta, 0, 1)
+
+    L1 measures the lengths in tokens (n_gold - n_y, alpha = 3e-4); here they are
+    ratios of the question's reference length (t = the target ratio, r the realized
+    one), so alpha is per unit of ratio: alpha = 1 prices a miss of 0.3 (1,000 of
+    3,300 reference tokens) at 0.3, L1's price of 1,000 tokens. Rows without a
+    reference (has_target False) get 1[correct]. L1 writes the target into the
+    prompt; a run here has one budget, the same for every prompt (docs/chrpo.md).
+    """
+    fn = "lcpo_reward"
+    _checks.check_value(fn, "alpha", alpha, alpha >= 0, "must be >= 0")
+    _checks.check_value(fn, "delta", delta, 0 <= delta <= 1, "must be in [0, 1]")
+    x = _check_inputs(fn, correct=correct, ratio=ratio, target_ratio=target_ratio,
+                      has_target=has_target)
+    hit = x["correct"].astype(jnp.float32)
+    if exact:
+        shaped = hit - alpha * jnp.abs(x["target_ratio"] - x["ratio"])
+    else:
+        shaped = hit * jnp.clip(alpha * (x["target_ratio"] - x["ratio"]) + delta, 0.0, 1.0)
+    return jnp.where(x["has_target"], shaped, hit).astype(jnp.float32)
+
+
+def length_penalty_reward(correct: Array, length: Array, group_ids: Array, *,
+                          num_groups: int, sample_mask: Array | None = None,
+                          coef: float = _D.length_coef) -> Array:
+    """Kimi k1.5's length reward added to correctness (arXiv 2501.12599, section 2.3.3).
+
+        lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len)   over i's prompt group
+        R_i      = 1[correct_i] + coef * (lambda_i if correct_i else min(0, lambda_i))
+
+    ``lambda`` is 0 in a group whose lengths are all equal. ``length`` is any
+    per-rollout length measure (think tokens, or the realized ratio: the same
+    within a group of one question). float32 [N]; masked-out rows get 0.
+    """
+    fn = "length_penalty_reward"
+    _checks.check_value(fn, "coef", coef, coef >= 0, "must be >= 0")
+    num_groups = _checks.check_positive_int(fn, "num_groups", num_groups)
+    x = _check_inputs(fn, correct=correct, length=length)
+    groups = _checks.check_integer(fn, "group_ids",
+                                   _checks.check_shape(fn, "group_ids", group_ids,
+                                                       x["length"].shape))
+    mask = _checks.as_bool(_checks.mask_or_ones(fn, "sample_mask", sample_mask,
+                                                x["length"].shape))
+    inf = jnp.float32(jnp.inf)
+    low = jax.ops.segment_min(jnp.where(mask, x["length"], inf), groups, num_groups)
+    high = jax.ops.segment_max(jnp.where(mask, x["length"], -inf), groups, num_groups)
+    span = (high - low)[groups]
+    lam = jnp.where(span > 0, 0.5 - _checks.safe_divide(x["length"] - low[groups], span), 0.0)
+    hit = x["correct"]
+    reward = hit.astype(jnp.float32) + coef * jnp.where(hit, lam, jnp.minimum(lam, 0.0))
+    return jnp.where(mask, reward, 0.0).astype(jnp.float32)
+
+
+def reward_of_kind(tiers: Array, inputs: RewardInputs, group_ids: Array, *, num_groups: int,
+                   sample_mask: Array | None = None, config: RewardConfig = RewardConfig(),
+                   lagrange_multiplier: Array | float = 0.0) -> Array:
+    """The reward ``config.kind`` names, float32 [N] (``objective.compute_advantages``).
+
+    'hierarchical' is ``tiered_reward`` (its bounded global term only when
+    ``global_mode='reward'``); the LCPO kinds read ``inputs.target`` as the target
+    ratio; 'length-penalty' uses the realized ratio as the length.
+    """
+    c = config
+    if c.kind == "hierarchical":
+        lam = lagrange_multiplier if c.global_mode == "reward" else 0.0
+        return tiered_reward(tiers, inputs.level, inputs.ratio, inputs.target, config=c,
+                             lagrange_multiplier=lam)
+    if c.kind in ("lcpo-exact", "lcpo-max"):
+        return lcpo_reward(inputs.correct, inputs.ratio, inputs.target, inputs.has_target,
+                           exact=c.kind == "lcpo-exact", alpha=c.lcpo_alpha, delta=c.lcpo_delta)
+    return length_penalty_reward(inputs.correct, inputs.ratio, group_ids,
+                                 num_groups=num_groups, sample_mask=sample_mask,
+                                 coef=c.length_coef)

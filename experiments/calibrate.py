@@ -11,15 +11,25 @@ default) and (docs/method.md, "Calibration")::
 
 The rule is strictly monotone: a level counts only if every larger level also
 solves the question, so a lucky low-level answer above a failed higher level
-never becomes the target. Output: ``calibrate/calibration.jsonl``, one row per
-question ``{uid, ref_len, target, levels: {"20": {correct, valid, level,
-think_length, cot_ids}, ...}}``; the policy warm start reads the CoTs.
+never becomes the target.
+
+With ``calibrate.samples = S > 0`` every question is also answered S more times
+per level at ``calibrate.temperature``; ``accuracy[k]`` is then the fraction of
+the 1 + S answers that are correct (else the greedy verdict, 0 or 1). A global
+budget (``rl.budget`` with ``rl.budget_targets='allocation'``) turns these
+estimates into one level per question (``budget_targets``).
+
+Output: ``calibrate/calibration.jsonl``, one row per question ``{uid,
+question_tokens, ref_len, target, levels: {"20": {correct, valid, level,
+think_length, cot_ids}, ...}}`` (and ``accuracy: {"20": ..., ...}`` when
+sampled); the policy warm start reads the CoTs.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 
+import jax
 import numpy as np
 
 from data.formats import LEVELS
@@ -28,7 +38,9 @@ from experiments.datasets import read_questions
 from experiments.rollouts import answer_questions, place_model
 from models import sharding
 
-__all__ = ["calibration_target", "reference_length", "calibrate", "STAGES"]
+__all__ = ["calibration_target", "reference_length", "level_accuracy", "length_buckets",
+           "budget_targets",
+           "policy_targets", "calibrate", "STAGES"]
 
 
 def calibration_target(correct: Mapping[int, bool]) -> int | None:
@@ -55,6 +67,80 @@ def reference_length(correct_full: bool, think_length: int) -> int | None:
     return int(think_length) if correct_full and think_length > 0 else None
 
 
+def level_accuracy(row: Mapping) -> dict[int, float]:
+    """A calibration row's accuracy estimate per level: ``accuracy`` when sampled, else
+    the greedy verdict."""
+    sampled = row.get("accuracy")
+    if sampled:
+        return {int(k): float(v) for k, v in sampled.items()}
+    return {lv: float(row["levels"][str(lv)]["correct"]) for lv in LEVELS}
+
+
+def length_buckets(lengths: list[int], buckets: int) -> list[int]:
+    """Quantile bucket (0 .. buckets-1) of every question length; equal lengths share one."""
+    if buckets < 1:
+        raise ValueError(f"buckets must be >= 1, got {buckets}")
+    edges = np.quantile(np.asarray(lengths, np.float64), np.linspace(0, 1, buckets + 1)[1:-1])
+    return [int(np.searchsorted(edges, n, side="right")) for n in lengths]
+
+
+def budget_targets(rows: list[Mapping], budget: float, *, two_sided: bool = True,
+                   buckets: int = 0) -> tuple[list[int | None], dict]:
+    """One target level per calibration row at a mean ratio of ``budget``.
+
+    ``chrpo.allocate_levels`` over the rows with a reference length: accuracy from
+    ``level_accuracy``, the cost of level k the mean realized ratio of the level-k
+    answers (think tokens / ref_len) over those rows, the same for every question, so
+    questions differ only in what each level buys them. Rows without ``ref_len``
+    get None (no target, as in ``calibration_target``).
+
+    ``buckets > 0``: each question's accuracy is the mean over its bucket of
+    question lengths (``length_buckets`` of ``question_tokens``), so the levels
+    depend on what the policy can see in the prompt, not on one question's few
+    answers: a target the policy can learn. Returns (targets, info: multiplier,
+    planned mean ratio, level costs).
+    """
+    import jax.numpy as jnp  # noqa: PLC0415
+    import chrpo  # noqa: PLC0415
+
+    counted = [i for i, r in enumerate(rows) if r["ref_len"]]
+    if not counted:
+        return [None] * len(rows), {"multiplier": None, "planned_ratio": None, "costs": {}}
+    ratios = np.array([[rows[i]["levels"][str(lv)]["think_length"] / rows[i]["ref_len"]
+                        for lv in LEVELS] for i in counted], np.float32)
+    costs = ratios.mean(axis=0)
+    acc = np.array([[level_accuracy(rows[i])[lv] for lv in LEVELS] for i in counted],
+                   np.float32)
+    if buckets:
+        missing = [rows[i]["uid"] for i in counted if "question_tokens" not in rows[i]]
+        if missing:
+            raise ValueError(f"budget_targets: buckets={buckets} needs 'question_tokens' in the "
+                             f"calibration rows (rerun the calibrate stage); missing for "
+                             f"{missing[:3]}")
+        group = np.array(length_buckets([rows[i]["question_tokens"] for i in counted], buckets))
+        for g in np.unique(group):
+            acc[group == g] = acc[group == g].mean(axis=0)
+    choice, mu, mean = chrpo.allocate_levels(jnp.asarray(acc),
+                                             jnp.broadcast_to(jnp.asarray(costs), acc.shape),
+                                             budget, two_sided=two_sided)
+    targets: list[int | None] = [None] * len(rows)
+    for i, c in zip(counted, np.asarray(choice).tolist()):
+        targets[i] = LEVELS[c]
+    return targets, {"multiplier": float(mu), "planned_ratio": float(mean),
+                     "costs": {str(lv): float(c) for lv, c in zip(LEVELS, costs)}}
+
+
+def policy_targets(config, rows: list[Mapping]) -> list[int | None]:
+    """The target level of every calibration row that the warm start and the reward use:
+    ``target`` (the paper's rule), or ``budget_targets`` at ``rl.budget`` when
+    ``rl.budget_targets='allocation'``."""
+    rl = config.rl
+    if rl.budget is None or rl.get("budget_targets", "calibration") == "calibration":
+        return [r["target"] for r in rows]
+    return budget_targets(rows, rl.budget, two_sided=rl.get("budget_two_sided", True),
+                          buckets=rl.get("allocation_buckets", 0))[0]
+
+
 def calibrate(config, run: rundir.Run) -> dict:
     """Answer every RL question at every level with the mixed model; write the targets."""
     tok = run.tokenizer()
@@ -66,16 +152,29 @@ def calibrate(config, run: rundir.Run) -> dict:
                                         batch_size=block.batch_size,
                                         max_new_tokens=block.max_new_tokens)
                 for level in LEVELS}
+    samples = block.get("samples", 0)
+    hits = {level: np.array([j.correct for j in by_level[level]], np.float64) for level in LEVELS}
+    for level in LEVELS if samples else ():
+        for s in range(samples):
+            key = jax.random.key(config.seed * 1000 + 17 * level + s)
+            judged = answer_questions(model, tok, questions, control=level,
+                                      batch_size=block.batch_size,
+                                      max_new_tokens=block.max_new_tokens,
+                                      temperature=block.temperature, key=key)
+            hits[level] += [j.correct for j in judged]
     rows = []
     for i, q in enumerate(questions):
         verdicts = {level: by_level[level][i] for level in LEVELS}
         full = verdicts[100]
         rows.append({
             "uid": q.uid,
+            "question_tokens": len(tok.encode(q.question)),
             "ref_len": reference_length(full.correct, full.think_length),
             "target": calibration_target({lv: j.correct for lv, j in verdicts.items()}),
             "levels": {str(lv): {**j.row(), "cot_ids": list(j.cot_ids)}
                        for lv, j in verdicts.items()}})
+        if samples:
+            rows[-1]["accuracy"] = {str(lv): hits[lv][i] / (1 + samples) for lv in LEVELS}
     rundir.write_jsonl(os.path.join(run.stage_dir("calibrate"), "calibration.jsonl"), rows)
     summary = {"questions": len(rows),
                "with_target": sum(r["target"] is not None for r in rows) / max(len(rows), 1)}

@@ -356,7 +356,8 @@ def _flat_json(tree: Any, prefix: str = "") -> dict[str, str]:
 
 
 def write_run_config(config: ml_collections.ConfigDict, run_dir: str | os.PathLike, *,
-                     resumable: Sequence[str] = (), write: bool | None = None) -> bool:
+                     resumable: Sequence[str] = (), write: bool | None = None,
+                     defaults: ml_collections.ConfigDict | None = None) -> bool:
     """Record the resolved config as ``run_dir/config.json``; check it on resume.
 
     If ``config.json`` already exists, every key whose value differs (or exists on
@@ -364,6 +365,11 @@ def write_run_config(config: ml_collections.ConfigDict, run_dir: str | os.PathLi
     e.g. ``'train.total_steps'``, ``'logging.*'``), else ``ConfigError`` lists the
     keys with old and new values. Then the file is (re)written, atomically, by
     the primary process only (``write`` defaults to ``jax.process_index() == 0``).
+
+    ``defaults``: the config the keys were added to. A key the old run lacks whose
+    new value is its value in ``defaults`` is an extension, not a change (a key is
+    added with the default that keeps the old behaviour), and does not block the
+    resume; with any other value it does.
 
     Returns True when a previous config was found (a resume).
     """
@@ -375,7 +381,10 @@ def write_run_config(config: ml_collections.ConfigDict, run_dir: str | os.PathLi
             old = json.load(f)
         a, b = _flat_json(old), _flat_json(new)
         changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        fixed = [k for k in changed if not any(fnmatch.fnmatchcase(k, p) for p in resumable)]
+        base = _flat_json(to_json_dict(defaults)) if defaults is not None else {}
+        added = {k for k in changed if k not in a and k in base and base[k] == b.get(k)}
+        fixed = [k for k in changed if k not in added
+                 and not any(fnmatch.fnmatchcase(k, p) for p in resumable)]
         if fixed:
             lines = [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in fixed]
             raise ConfigError(f"config differs from the run in {run_dir} in keys that cannot "

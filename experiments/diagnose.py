@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                            max_new_tokens=320)
             name = "base" if control is None else f"<COMP_{control}>"
             result[name] = classify_responses(tok, questions, responses, control=control)
-    text = json.dumps(result, indent=1)
+    text = json.dumps(rundir.strict_json(result), indent=1, allow_nan=False)
     print(text)
     if args.json:
         with open(args.json, "w") as f:

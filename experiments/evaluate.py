@@ -47,7 +47,8 @@ def method_plan(block: ml_collections.ConfigDict) -> list[tuple[str, object]]:
     plan += [("extra-cot", level) for level in block.levels]
     plan += [("tokenskip", level) for level in block.tokenskip_levels]
     plan += [("policy-warm-start", POLICY), ("chrpo", POLICY)]
-    return plan
+    methods = block.get("methods", tuple(METHOD_STAGES))
+    return [(m, c) for m, c in plan if m in methods]
 
 
 def _control_name(control) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 from data.trees import TreeVocab
 from experiments import cli
 from experiments import pathfinding_plots as P
+from experiments import rundir
 from experiments.configs import pathfinding as pathfinding_config
 from experiments.pathfinding_train import ATTENTION_FILE, train_run
 
@@ -182,7 +183,7 @@ def main(config: ml_collections.ConfigDict) -> dict[str, Any]:
                "runs": {n: {k: v for k, v in r.items() if k != "history"}
                         for n, r in results.items()}}
     with open(os.path.join(config.run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        json.dump(rundir.strict_json(summary), f, indent=1, allow_nan=False)
     print(table)
     return summary
 

@@ -39,17 +39,15 @@ from collections.abc import Mapping, Sequence
 import ml_collections
 
 from experiments import calibrate, cli, compressed_data, evaluate, rl, rundir, sft
+from experiments.configs import pipeline_blocks
+from experiments.configs.pipeline_blocks import EXTRA_STAGES, STAGE_ORDER, selected_stages
 from experiments.datasets import prepare_data
 from models import sharding
 
-__all__ = ["STAGE_ORDER", "stage_functions", "selected_stages", "stage_inputs", "check_inputs",
-           "run_stages", "main"]
+__all__ = ["stage_functions", "stage_inputs", "check_inputs", "run_stages", "main"]
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "experiments/configs/default.py"
-STAGE_ORDER = ("data", "sft_base", "compressor", "selfcot", "compress", "sft_mixed",
-               "calibrate", "sft_policy", "rl", "sft_tokenskip", "evaluate")
-EXTRA_STAGES = ("evaluate_val",)   # run only when named: tuning happens on validation
 RESUMABLE = ("stage", "*.log_every", "*.checkpoint_every", "evaluate.*")
 
 
@@ -58,22 +56,6 @@ def stage_functions() -> dict:
     table = {"data": prepare_data, **sft.STAGES, **compressed_data.STAGES, **calibrate.STAGES,
              **rl.STAGES, **evaluate.STAGES}
     return {name: table[name] for name in STAGE_ORDER + EXTRA_STAGES}
-
-
-def selected_stages(stage: str, only: Mapping | None = None) -> list[str]:
-    """Stages named by ``config.stage`` ('all' or a comma list), limited to ``only``."""
-    known = STAGE_ORDER + EXTRA_STAGES
-    names = list(STAGE_ORDER) if stage == "all" else [s.strip() for s in stage.split(",")]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise cli.ConfigError(f"config key 'stage': unknown stages {unknown}; "
-                              f"valid: all or a comma list of {known}")
-    if only is not None:
-        names = [n for n in names if n in only]
-        if not names:
-            raise cli.ConfigError(f"config key 'stage' = {stage!r}: this script runs "
-                                  f"{tuple(only)}; pass --config.stage=<one of them>")
-    return [n for n in known if n in names]
 
 
 def stage_inputs(config: ml_collections.ConfigDict, name: str) -> tuple[str, ...]:
@@ -135,7 +117,8 @@ def run_stages(config: ml_collections.ConfigDict, *, only: Mapping | None = None
     say = print if sharding.is_main_process() else (lambda *a, **k: None)
     names = selected_stages(config.stage, only)
     os.makedirs(config.run_dir, exist_ok=True)
-    cli.write_run_config(config, config.run_dir, resumable=RESUMABLE)   # process 0 writes
+    cli.write_run_config(config, config.run_dir, resumable=RESUMABLE,     # process 0 writes
+                         defaults=pipeline_blocks.base_config())
     run, functions = rundir.Run(config.run_dir), stage_functions()
     for i, name in enumerate(names):      # every input before any work
         if not run.done(name):

@@ -18,8 +18,13 @@ One RL step, as a recipe (the math is chrpo/, the model code models/):
 6. ``rl.passes`` passes over ``rl.minibatches`` shuffled mini-batches with
    ``chrpo.policy_loss`` (``models.training.make_train_step``: clipping and
    non-finite skipping);
-7. Lagrange multiplier: ``chrpo.update_lagrange`` on the policy rollouts' mean
-   realized ratio (when ``rl.budget`` is set).
+7. Lagrange multiplier (when ``rl.budget`` is set): ``chrpo.update_lagrange``
+   (``rl.budget_controller='dual'``) or ``chrpo.update_pid_lagrange`` ('pid') on
+   the policy rollouts' mean realized ratio; it enters the next step's reward or
+   advantage (``rl.objective.global_mode``). With ``rl.budget_targets='allocation'``
+   the level bonus's targets are the budget's allocation
+   (``experiments.calibrate.budget_targets``), the warm start's too. A budget also
+   writes ``rl/budget.png``: the batch ratio and the multiplier per step.
 
 The checkpoint holds the whole state: params, optimiser, multiplier, RL step,
 data position and both PRNG keys (``TrainState.extra``), so a resumed run is
@@ -48,6 +53,7 @@ from flax import nnx
 import chrpo
 from data.formats import LEVELS, build_prompt
 from experiments import rundir
+from experiments.calibrate import policy_targets
 from experiments.datasets import bucket_width, read_questions
 from experiments.metrics import MetricWriter, Progress, Timer
 from experiments.rollouts import RolloutGroups, rollout_groups
@@ -58,7 +64,7 @@ from models.training import (check_finite_updates, create_train_state, make_opti
                              make_train_step, merge_model, require_applied_updates)
 
 __all__ = ["chrpo_config", "prompt_order", "reward_inputs", "make_rl_loss", "pad_minibatch",
-           "rl", "STAGES"]
+           "plot_budget_trace", "rl", "STAGES"]
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +84,28 @@ def prompt_order(n: int, step: int, per_step: int, *, seed: int) -> np.ndarray:
     return order[within * per_step:(within + 1) * per_step]
 
 
-def reward_inputs(batch: RolloutGroups, calibration: list[dict]) -> chrpo.RewardInputs:
-    """RewardInputs [N] from the verdicts and each row's calibration (``calibration[g]``)."""
+def reward_inputs(batch: RolloutGroups, calibration: list[dict], *,
+                  target_ratio: float | None = None) -> chrpo.RewardInputs:
+    """RewardInputs [N] from the verdicts and each row's calibration (``calibration[g]``).
+
+    ``target_ratio`` (the LCPO rewards): every question with a reference length gets
+    this target ratio instead of its target level."""
     rows = [calibration[g] for g in batch.group_ids]
     think = np.array([j.think_length for j in batch.judged], np.float32)
     ref = np.array([r["ref_len"] or 0 for r in rows], np.float32)
-    target = np.array([(r["target"] or 0) / 100 for r in rows], np.float32)
+    if target_ratio is None:
+        target = np.array([(r["target"] or 0) / 100 for r in rows], np.float32)
+        has_target = [r["target"] is not None for r in rows]
+    else:
+        target = np.full(len(rows), target_ratio, np.float32)
+        has_target = list(ref > 0)
     return chrpo.RewardInputs(
         valid=jnp.asarray([j.valid for j in batch.judged]),
         correct=jnp.asarray([j.correct for j in batch.judged]),
         level=jnp.asarray([(j.level or 0) / 100 for j in batch.judged], jnp.float32),
         ratio=chrpo.realized_ratio(jnp.asarray(think), jnp.asarray(ref)),
         target=jnp.asarray(target),
-        has_target=jnp.asarray([r["target"] is not None for r in rows]))
+        has_target=jnp.asarray(has_target))
 
 
 def make_rl_loss(config: chrpo.ChrpoConfig):
@@ -144,7 +159,9 @@ def _step_metrics(batch: RolloutGroups, inputs: chrpo.RewardInputs, adv_metrics:
 
 
 def _init_state(config, model, optimizer):
-    extra = {"lagrange": chrpo.init_lagrange(), "rl_step": jnp.zeros((), jnp.int32),
+    pid = config.rl.get("budget_controller", "dual") == "pid"
+    extra = {"lagrange": chrpo.init_pid_lagrange() if pid else chrpo.init_lagrange(),
+             "rl_step": jnp.zeros((), jnp.int32),
              "position": jnp.zeros((), jnp.int32),
              "rollout_key": jax.random.key(config.seed + 1)}
     return create_train_state(model, optimizer, rng=config.seed, extra=extra)
@@ -183,12 +200,19 @@ def _optimise(state, train_step, arrays: dict, *, passes: int, minibatches: int,
 
 
 def _dual_step(extra: dict, inputs: chrpo.RewardInputs, policy_rows: np.ndarray, block) -> dict:
-    """Projected dual ascent on the policy rollouts' mean realized ratio (when rl.budget)."""
+    """The multiplier's step on the policy rollouts' mean realized ratio (when rl.budget):
+    projected dual ascent ('dual') or the PID Lagrangian ('pid', rl.pid's gains)."""
     if block.budget is None:
         return extra
     mask = chrpo.budget_mask(inputs.valid, inputs.has_target, jnp.asarray(policy_rows))
-    lagrange = chrpo.update_lagrange(extra["lagrange"], inputs.ratio, mask, budget=block.budget,
-                                     step_size=block.lagrange_step_size)
+    if block.get("budget_controller", "dual") == "pid":
+        lagrange = chrpo.update_pid_lagrange(
+            extra["lagrange"], inputs.ratio, mask, budget=block.budget, kp=block.pid.kp,
+            ki=block.pid.ki, kd=block.pid.kd, integral_limit=block.pid.integral_limit,
+            two_sided=block.get("budget_two_sided", False))
+    else:
+        lagrange = chrpo.update_lagrange(extra["lagrange"], inputs.ratio, mask,
+                                         budget=block.budget, step_size=block.lagrange_step_size)
     return {**extra, "lagrange": lagrange}
 
 
@@ -207,14 +231,44 @@ def _log_memory(state, shardings, model_config, mesh, block, prompt_width: int,
     log.info("rl: %s", sharding_memory.format_memory(estimate, mesh_shape=dict(mesh.shape)))
 
 
+def plot_budget_trace(metrics_path: str, out_path: str, *, budget: float) -> str:
+    """``rl/budget.png``: the policy rollouts' mean ratio against the budget, and the
+    multiplier, per RL step (from ``metrics.jsonl``)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rows = [r for r in rundir.read_jsonl(metrics_path) if "lambda" in r]
+    steps = [r["step"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 4.5), sharex=True)
+    top.plot(steps, [r["ratio_policy"] for r in rows], "o-", label="batch mean ratio")
+    top.axhline(budget, color="k", linestyle="--", label=f"budget {budget:g}")
+    top.set_ylabel("realized ratio")
+    top.legend(fontsize=8)
+    bottom.plot(steps, [r["lambda"] for r in rows], "s-", color="C1")
+    bottom.axhline(0.0, color="k", linewidth=0.5)
+    bottom.set_ylabel("multiplier lambda")
+    bottom.set_xlabel("RL step")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
 def rl(config, run: rundir.Run) -> dict:
     """The CHRPO stage: train the policy-mode model, export it to ``rl/model``."""
     block, tok = config.rl, run.tokenizer()
     stage_dir = run.stage_dir("rl")
     objective = chrpo_config(block)
     questions = read_questions(run.path("data", "rl.jsonl"))
-    by_uid = {r["uid"]: r for r in rundir.read_jsonl(run.path("calibrate", "calibration.jsonl"))}
+    rows = rundir.read_jsonl(run.path("calibrate", "calibration.jsonl"))
+    targets = policy_targets(config, rows)        # the paper's, or the budget's allocation
+    by_uid = {r["uid"]: {**r, "target": t} for r, t in zip(rows, targets)}
     calibration = [by_uid[q.uid] for q in questions]
+    lcpo = objective.reward.kind in ("lcpo-exact", "lcpo-max")
     mesh = sharding.mesh_from_config(config.get("mesh"))
     policy = rundir.load_model(run.path(block.init))
     ref_graphdef, ref_state = nnx.split(rundir.load_model(run.path(block.init)))   # frozen
@@ -251,7 +305,8 @@ def rl(config, run: rundir.Run) -> dict:
                     temperature=block.temperature, prompt_width=prompt_width,
                     key=jax.random.fold_in(state.extra["rollout_key"], step),
                     completion_bucket=block.completion_bucket)
-            inputs = reward_inputs(batch, [calibration[i] for i in picked])
+            inputs = reward_inputs(batch, [calibration[i] for i in picked],
+                                   target_ratio=block.budget if lcpo else None)
             advantages, adv_metrics = _advantages(
                 batch, inputs, num_local=1 + len(block.forced_levels), objective=objective,
                 multiplier=state.extra["lagrange"].multiplier)
@@ -283,6 +338,9 @@ def rl(config, run: rundir.Run) -> dict:
             manager.save(step + 1, state, {"position": int(extra["position"])})
         manager.save(block.steps, state, {"position": int(state.extra["position"])}, force=True)
     manager.close()
+    if block.budget is not None and sharding.is_main_process():
+        plot_budget_trace(os.path.join(stage_dir, "metrics.jsonl"),
+                          os.path.join(stage_dir, "budget.png"), budget=block.budget)
     require_applied_updates(state, name="rl")
     rundir.export_model(merge_model(graphdef, state), stage_dir)
     return {"steps": block.steps, **{f"last/{k}": v for k, v in last.items()}}

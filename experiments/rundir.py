@@ -203,13 +203,41 @@ def load_model(stage_dir: str) -> Qwen3:
 
 def write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
     """One sorted-key JSON object per line, written atomically; on process 0 only
-    (every process computes the same rows; see the module docstring)."""
+    (every process computes the same rows; see the module docstring). Strict JSON:
+    a non-finite float is written as null (``strict_json``)."""
     if not sharding.is_main_process():
         return
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, sort_keys=True, separators=(",", ":")) + "\n")
+            f.write(json.dumps(strict_json(row), sort_keys=True, separators=(",", ":"),
+                               allow_nan=False) + "\n")
     os.replace(path + ".tmp", path)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def check_strict_json(path: str) -> int:
+    """Parse ``path`` (``.json`` whole, ``.jsonl`` line by line) as strict JSON, as jq or
+    JavaScript would: NaN / Infinity raise ValueError naming file:line. Returns the
+    number of JSON values read."""
+    with open(path, encoding="utf-8") as f:
+        if not path.endswith(".jsonl"):
+            try:
+                json.load(f, parse_constant=_refuse_constant)
+            except ValueError as err:
+                raise ValueError(f"{path}: not strict JSON ({err})") from None
+            return 1
+        count = 0
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    json.loads(line, parse_constant=_refuse_constant)
+                except ValueError as err:
+                    raise ValueError(f"{path}:{number}: not strict JSON ({err})") from None
+                count += 1
+        return count
 
 
 def read_jsonl(path: str, *, required: tuple[str, ...] = (),

@@ -36,6 +36,7 @@ from data.arithmetic import ArithmeticConfig, drill_text
 from data.formats import (LEVELS, SFTExample, build_policy_example, build_sft_example,
                           equation_token_mask, weight_equations)
 from experiments import rundir
+from experiments.calibrate import policy_targets
 from experiments.datasets import read_questions, sft_batch
 from experiments.metrics import MetricWriter, Progress
 from models import sharding, sharding_memory
@@ -235,18 +236,22 @@ def sft_tokenskip(config, run: rundir.Run) -> dict:
 
 
 def sft_policy(config, run: rundir.Run) -> dict:
-    """Policy-mode warm start on each calibrated question's target level."""
+    """Policy-mode warm start on each calibrated question's target level
+    (``calibrate.policy_targets``: the paper's rule, or a budget's allocation)."""
     tok = run.tokenizer()
     questions = {q.uid: q for q in read_questions(run.path("data", "rl.jsonl"))}
     examples: list[SFTExample] = []
     targets = 0
-    for row in rundir.read_jsonl(run.path("calibrate", "calibration.jsonl")):
+    rows = rundir.read_jsonl(run.path("calibrate", "calibration.jsonl"))
+    for row, target in zip(rows, policy_targets(config, rows)):   # or a budget's levels
         q = questions[row["uid"]]
-        if row["target"] is not None:
+        # an allocated level's greedy answer can be wrong (the paper's target never is):
+        # such a question gets no policy example
+        if target is not None and row["levels"][str(target)]["correct"]:
             targets += 1
-            cot = row["levels"][str(row["target"])]["cot_ids"]
+            cot = row["levels"][str(target)]["cot_ids"]
             examples.append(build_policy_example(tok, q.question, cot, q.answer_text,
-                                                 target_level=row["target"]))
+                                                 target_level=target))
         if config.sft_policy.level_examples:
             for level in LEVELS:
                 got = row["levels"][str(level)]

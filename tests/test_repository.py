@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import pathlib
 import re
+import subprocess
 
 import pytest
+
+from experiments import rundir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = ("chrpo", "models", "data", "experiments", "tests", "benchmarks", "docs", ".ci")
@@ -43,3 +46,23 @@ def test_every_cited_doc_page_exists():
                                            ("docs/chrpo.md", False)])
 def test_outside_pattern(line, outside):
     assert bool(_OUTSIDE.search(line)) is outside
+
+
+def test_committed_json_is_strict(tmp_path):
+    """Every JSON / JSONL file in git parses as strict JSON (no NaN / Infinity)."""
+    tracked = subprocess.run(["git", "ls-files", "*.json", "*.jsonl"], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout.split()
+    assert "docs/figures/study/study.json" in tracked
+    for name in tracked:
+        assert rundir.check_strict_json(str(ROOT / name)) >= 1, name
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": 1}\n{"a": NaN}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not strict JSON.*NaN"):
+        rundir.check_strict_json(str(bad))
+
+
+def test_write_jsonl_writes_non_finite_floats_as_null(tmp_path):
+    path = str(tmp_path / "rows.jsonl")
+    rundir.write_jsonl(path, [{"x": float("nan"), "y": [1.0, float("inf")]}])
+    assert rundir.check_strict_json(path) == 1
+    assert rundir.read_jsonl(path) == [{"x": None, "y": [1.0, None]}]

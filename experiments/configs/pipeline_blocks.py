@@ -3,7 +3,7 @@
 A pipeline config (default.py, test.py, qwen3_*.py) is ``base_config()`` with
 some values changed. Keys, by block:
 
-    seed, run_dir, stage ('all' or a comma list of experiments.pipeline.STAGE_ORDER)
+    seed, run_dir, stage ('all' or a comma list of STAGE_ORDER)
     data           source ('arithmetic' | 'benchmarks'), arithmetic (data.arithmetic
                    .ArithmeticConfig fields), sizes/seeds per split, tokenizer
     model          source ('config' | 'hf'), architecture of a fresh decoder or hf_path
@@ -15,6 +15,8 @@ some values changed. Keys, by block:
     selfcot, compress, calibrate, rl, evaluate     see each stage's module
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import ml_collections
 from ml_collections import config_dict
@@ -55,6 +57,29 @@ def sft_block(*, init: str, steps: int, learning_rate: float, batch_tokens: int 
                                        warmup=0.05, weight_decay=0.05, grad_clip=1.0,
                                        min_lr_ratio=0.1)
     return b
+
+
+STAGE_ORDER = ("data", "sft_base", "compressor", "selfcot", "compress", "sft_mixed",
+               "calibrate", "sft_policy", "rl", "sft_tokenskip", "evaluate")
+"""The main job's stages in the order they run (experiments/pipeline.py runs them)."""
+EXTRA_STAGES = ("evaluate_val",)   # run only when named: tuning happens on validation
+
+
+def selected_stages(stage: str, only: Mapping | None = None) -> list[str]:
+    """Stages named by ``config.stage`` ('all' or a comma list), limited to ``only``."""
+    known = STAGE_ORDER + EXTRA_STAGES
+    names = list(STAGE_ORDER) if stage == "all" else [s.strip() for s in stage.split(",")]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise cli.ConfigError(f"config key 'stage': unknown stages {unknown}; "
+                              f"valid: all or a comma list of {known}")
+    if only is not None:
+        names = [n for n in names if n in only]
+        if not names:
+            raise cli.ConfigError(f"config key 'stage' = {stage!r}: this script runs "
+                                  f"{tuple(only)}; pass --config.stage=<one of them>")
+    return [n for n in known if n in names]
+
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -156,7 +181,10 @@ def base_config() -> ml_collections.ConfigDict:
         # docs/results.md), <COMP_20> 94.5 against 84.0 (seed 0). The TokenSkip-style
         # baseline keeps single tokens, as TokenSkip does.
         "units": "sentences"})
-    c.calibrate = ml_collections.ConfigDict({"batch_size": 128, "max_new_tokens": 320})
+    # samples: answers per level at `temperature` beside the greedy one; their accuracy is
+    # what a budget's allocation (rl.budget_targets='allocation') spends tokens by
+    c.calibrate = ml_collections.ConfigDict({"batch_size": 128, "max_new_tokens": 320,
+                                             "samples": 0, "temperature": 1.0})
 
     c.rl = r = ml_collections.ConfigDict()
     r.init = "sft_policy"
@@ -171,6 +199,22 @@ def base_config() -> ml_collections.ConfigDict:
     r.passes = 1
     r.minibatches = 2
     r.budget = config_dict.placeholder(float)   # global mean-ratio budget B; None = off
+    # with a budget (docs/chrpo.md, "A budget that binds"): the targets of the warm start
+    # and of the level bonus, 'calibration' (the paper's rule) or 'allocation'
+    # (experiments.calibrate.budget_targets: the most accurate levels at mean ratio B);
+    # two-sided: B is the ratio to reach (mean r = B), not only a ceiling
+    r.budget_targets = "calibration"
+    r.budget_two_sided = False
+    # > 0: the allocation pools accuracy over this many buckets of question length
+    # (experiments.calibrate.budget_targets), so the targets follow what the prompt shows
+    r.allocation_buckets = 0
+    # 'dual': projected dual ascent at lagrange_step_size (the paper's update);
+    # 'pid': chrpo.update_pid_lagrange with the gains of rl.pid
+    r.budget_controller = "dual"
+    # gains chosen on validation (seed 0, budget 0.3; docs/results.md, "What was tuned on
+    # validation"):
+    # kp 4 / ki 4 swung the ratio 0.2 -> 0.69 -> 0.2 in 20 steps, kp 2 / ki 1 / kd 4 too
+    r.pid = ml_collections.ConfigDict({"kp": 1.0, "ki": 0.5, "kd": 0.0, "integral_limit": 3.0})
     r.lagrange_step_size = 0.5
     r.log_every = 1
     r.checkpoint_every = 10
@@ -188,7 +232,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.evaluate = ml_collections.ConfigDict({
         "num_questions": 1000, "batch_size": 250, "max_new_tokens": 320,
-        "levels": LEVELS, "tokenskip_levels": LEVELS, "difficulty_key": "n_steps"})
+        "levels": LEVELS, "tokenskip_levels": LEVELS, "difficulty_key": "n_steps",
+        # the methods to answer with (experiments.evaluate.METHOD_STAGES); 'base' always
+        "methods": ("base", "extra-cot", "tokenskip", "policy-warm-start", "chrpo")})
     return c
 
 
@@ -219,8 +265,6 @@ def _check_block(key: str, build) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Reject out-of-range values before any work starts, naming the key."""
-    from experiments.pipeline import STAGE_ORDER, selected_stages  # noqa: PLC0415
-
     selected_stages(config.stage)
     cli.check(config, "run_dir", bool, "must be a directory path")
     cli.check(config, "seed", lambda v: isinstance(v, int) and v >= 0, "must be an int >= 0")
@@ -291,6 +335,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("evaluate.levels", "evaluate.tokenskip_levels", "rl.forced_levels"):
         cli.check(config, key, lambda v: all(lv in LEVELS for lv in v),
                   f"must hold levels among {LEVELS}")
+    cli.check(config, "calibrate.samples", lambda v: isinstance(v, int) and not isinstance(v, bool)
+              and v >= 0, "must be an int >= 0")
+    cli.check_range(config, "calibrate.temperature", low=0.0, low_open=True)
+    methods = ("base", "extra-cot", "tokenskip", "policy-warm-start", "chrpo")
+    cli.check(config, "evaluate.methods",
+              lambda v: "base" in v and all(m in methods for m in v),
+              f"must hold 'base' and names among {methods}")
 
 
 def _validate_rl(config: ml_collections.ConfigDict) -> None:
@@ -305,6 +356,17 @@ def _validate_rl(config: ml_collections.ConfigDict) -> None:
     cli.check(config, "rl.budget", lambda v: v is None or 0 < v <= 1,
               "must be None (no global budget) or a mean ratio in (0, 1]")
     cli.check_range(config, "rl.lagrange_step_size", low=0.0, low_open=True)
+    cli.check_choice(config, "rl.budget_targets", ("calibration", "allocation"))
+    cli.check_choice(config, "rl.budget_controller", ("dual", "pid"))
+    cli.check(config, "rl.allocation_buckets", lambda v: isinstance(v, int)
+              and not isinstance(v, bool) and v >= 0, "must be an int >= 0")
+    for gain in ("kp", "ki", "kd"):
+        cli.check_range(config, f"rl.pid.{gain}", low=0.0)
+    cli.check_range(config, "rl.pid.integral_limit", low=0.0, low_open=True)
+    kind = config.rl.objective.get("kind", "hierarchical")
+    if kind.startswith("lcpo") and config.rl.budget is None:
+        raise cli.ConfigError(f"config key 'rl.budget': rl.objective.kind={kind!r} needs "
+                              "the target ratio; set --config.rl.budget")
     cli.check_range(config, "rl.objective.tol", low=0.0)
     try:
         objective = chrpo.ChrpoConfig().replace(**r.objective.to_dict())

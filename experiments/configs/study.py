@@ -1,8 +1,11 @@
 """The multi-seed study (experiments/study.py): the embedded default once per seed.
 
-    python -m experiments.study                                   # seeds 0, 1, 2 (48 min)
+    python -m experiments.study          # seeds 0, 1, 2 (48 min) + the budget sweep (about 71 min)
+    python -m experiments.study --config.study.sweep.budgets=   # the seeds alone, no sweep
     python -m experiments.study --config.study.seeds=0,1,2,3,4
     python -m experiments.study --config=experiments/configs/study.py:test   # CI sizes
+    python -m experiments.study --config.study.seeds=0 --config.study.sweep.budgets=0.3 \
+        --config.study.sweep.split=val --config.study.sweep.name=val   # tune the sweep
 
 Every pipeline key of default.py can be overridden as usual
 (``--config.rl.steps=20``); ``study.root`` holds one run directory per seed,
@@ -27,6 +30,23 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.study = ml_collections.ConfigDict({
         "seeds": (0, 1, 2), "root": root,
         "out_dir": f"{root}/report" if arg else "docs/figures/study"})
+    # the budget sweep (experiments.study.sweep_runs): from each seed's SFT models, CHRPO and
+    # its peers at every budget, with the same warm start and RL work; () = no sweep
+    c.study.sweep = ml_collections.ConfigDict({
+        "budgets": (0.3,) if arg else (0.2, 0.3, 0.45, 0.6),
+        "methods": ("chrpo", "lcpo", "length-penalty"),
+        "calibrate_samples": 1 if arg else 4, "rl_steps": 2 if arg else 20,
+        # every level explored in every prompt's group: one forced rollout per level
+        "forced_levels": (20, 40, 60, 80, 100), "forced_samples": 1,
+        # the control token's loss weight in every sweep run (the chrpo preset's is 5)
+        "control_weight": 1.0,
+        # the allocation's accuracy pooled over 4 buckets of question length
+        "allocation_buckets": 4,
+        # the multiplier's gains in every sweep run (rl.pid's defaults; docs/results.md)
+        "pid": c.rl.pid.to_dict(),
+        # 'val': answer the validation split and print the sweep's table, no study report
+        # (tuning); the run directories go to <seed dir>/<name>
+        "split": "test", "name": "sweep"})
     return c
 
 
@@ -38,3 +58,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "must be a non-empty list of distinct ints >= 0")
     cli.check(config, "study.root", bool, "must be a directory path")
     cli.check(config, "study.out_dir", bool, "must be a directory path")
+    cli.check(config, "study.sweep.budgets",
+              lambda v: all(isinstance(b, (int, float)) and 0 < b <= 1 for b in v)
+              and len(set(v)) == len(v), "must be distinct mean ratios in (0, 1]")
+    cli.check(config, "study.sweep.methods",
+              lambda v: len(v) >= 1 and all(m in ("chrpo", "lcpo", "length-penalty") for m in v)
+              and len(set(v)) == len(v),
+              "must be distinct names among ('chrpo', 'lcpo', 'length-penalty')")
+    cli.check(config, "study.sweep.forced_levels",
+              lambda v: all(lv in (20, 40, 60, 80, 100) for lv in v) and len(set(v)) == len(v),
+              "must be distinct levels among (20, 40, 60, 80, 100)")
+    cli.check_range(config, "study.sweep.control_weight", low=0.0)
+    cli.check_choice(config, "study.sweep.split", ("test", "val"))
+    for gain in ("kp", "ki", "kd"):
+        cli.check_range(config, f"study.sweep.pid.{gain}", low=0.0)
+    cli.check_range(config, "study.sweep.pid.integral_limit", low=0.0, low_open=True)
+    cli.check(config, "study.sweep.name", lambda v: bool(v) and "/" not in v,
+              "must be a directory name")
+    for key in ("study.sweep.calibrate_samples", "study.sweep.rl_steps",
+                "study.sweep.allocation_buckets",
+                "study.sweep.forced_samples"):
+        cli.check(config, key, lambda v: isinstance(v, int) and not isinstance(v, bool)
+                  and v >= 0, "must be an int >= 0")

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from benchmarks import generation, gpu, harness, jax_side, kernels, rl_step, train_step
+from benchmarks import (answer_cost, generation, gpu, harness, jax_side, kernels, rl_step,
+                        train_step)
 from models.qwen3 import Qwen3, preset
 
 FAST = ["--sizes=micro", "--no-reference", "--in-process", "--rounds=1", "--repeats=1",
@@ -136,3 +137,12 @@ def test_train_batches_are_deterministic_and_masked():
     m = a["completion_mask"]
     assert (a["old_logp"][~m] == 0).all() and (a["old_logp"][m] < 0).all()
     assert m[:, 0].all() and (m.sum(1) <= spec["completion"]).all()
+
+
+def test_answer_cost_gives_every_hostile_case_its_right_verdict():
+    rows = answer_cost.main(["--repeats=1"])
+    assert len(rows) == len(answer_cost.cases()) >= 10
+    assert rows[0]["case"].startswith("reference")
+    for r in rows:
+        assert r["verdict"] == r["expected"], r["case"]
+        assert r["seconds"] > 0

@@ -194,9 +194,42 @@ def test_bfloat16_rewards():
     (lambda: chrpo.group_advantages(jnp.ones(3), jnp.zeros(3, jnp.int32), num_groups=1,
                                     estimator="ppo"),
      "unknown advantage estimator 'ppo'; valid names: 'drgrpo', 'grpo', "
-     "'hierarchical', 'rloo'"),
+     "'grpo-batch', 'hierarchical', 'rloo'"),
     (lambda: chrpo.AdvantageConfig(ddof=2), "ddof"),
 ])
 def test_advantage_errors(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+def trl_batch_scaled(rewards, num_generations, eps=1e-4):
+    """TRL GRPOTrainer with scale_rewards="batch", written out in numpy: group means over
+    consecutive blocks of num_generations, one unbiased std over the whole batch."""
+    r = np.asarray(rewards, np.float64)
+    mean = r.reshape(-1, num_generations).mean(axis=1).repeat(num_generations)
+    return (r - mean) / (r.std(ddof=1) + eps)
+
+
+def test_grpo_batch_matches_trls_formula(maybe_jit):
+    rng = np.random.default_rng(3)
+    rewards = rng.normal(size=12).astype(np.float32)
+    groups = jnp.repeat(jnp.arange(3), 4)
+    fn = maybe_jit(chrpo.grpo_batch_advantages, num_groups=3, eps=1e-4, ddof=1)
+    got = fn(jnp.asarray(rewards), groups)
+    np.testing.assert_allclose(got.advantages, trl_batch_scaled(rewards, 4), rtol=1e-5,
+                               atol=1e-6)
+    via = chrpo.group_advantages(jnp.asarray(rewards), groups, num_groups=3,
+                                 estimator="grpo-batch", eps=1e-4, ddof=1)
+    np.testing.assert_allclose(via.advantages, got.advantages)
+
+
+def test_grpo_batch_hand_constant_group_and_mask():
+    out = chrpo.grpo_batch_advantages(jnp.array([1.0, 3.0, 2.0, 2.0, 9.0]),
+                                      jnp.array([0, 0, 1, 1, 1]), num_groups=2,
+                                      mask=jnp.array([True, True, True, True, False]))
+    # batch std (population) of [1, 3, 2, 2] = sqrt(0.5); group 1 is constant: 0
+    np.testing.assert_allclose(out.advantages, [-1 / np.sqrt(0.5), 1 / np.sqrt(0.5), 0, 0, 0],
+                               rtol=1e-5)
+    assert out.zero_variance.tolist() == [False, True]
+    flat = chrpo.grpo_batch_advantages(jnp.ones(4), jnp.array([0, 0, 1, 1]), num_groups=2)
+    assert flat.advantages.tolist() == [0.0] * 4

@@ -138,10 +138,11 @@ def test_registry_lookups():
     assert chrpo.get_kl_estimator("k2") is chrpo.kl_k2
     assert chrpo.get_aggregation("token-mean") is chrpo.token_mean
     assert chrpo.available() == {
-        "advantage": ("drgrpo", "grpo", "hierarchical", "rloo"),
+        "advantage": ("drgrpo", "grpo", "grpo-batch", "hierarchical", "rloo"),
         "kl": ("k1", "k2", "k3"),
         "aggregation": ("seq-mean-token-mean", "seq-mean-token-sum-norm", "token-mean"),
-        "preset": ("chrpo", "dapo", "drgrpo", "grpo", "gspo")}
+        "preset": ("chrpo", "dapo", "drgrpo", "grpo", "gspo", "lcpo-exact", "lcpo-max",
+                   "length-penalty")}
 
 
 @pytest.mark.parametrize("call, message", [

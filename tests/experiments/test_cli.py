@@ -2,6 +2,7 @@
 import json
 import textwrap
 
+import ml_collections
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -184,3 +185,21 @@ def test_numbers_round_trip_through_text(config_path, seed, lr, betas):
                    f"--config.optim.betas=({', '.join(map(repr, betas))})")
     assert config.seed == seed and config.optim.learning_rate == lr
     assert config.optim.betas == tuple(betas)
+
+
+def test_a_key_added_with_its_default_does_not_block_a_resume(tmp_path):
+    """A run written before a key existed resumes when the key holds its default; any other
+    value of the new key is a change and is refused, naming it."""
+    old = ml_collections.ConfigDict({"seed": 0, "rl": {"steps": 10}})
+    run_dir = tmp_path / "run"
+    cli.write_run_config(old, run_dir, write=True)
+    defaults = ml_collections.ConfigDict({"seed": 0, "rl": {"steps": 10, "budget_mode": "dual"}})
+    extended = ml_collections.ConfigDict({"seed": 0, "rl": {"steps": 10, "budget_mode": "dual"}})
+    assert cli.write_run_config(extended, run_dir, write=True, defaults=defaults)
+    (run_dir / cli.CONFIG_FILE).unlink()                             # back to the old file
+    cli.write_run_config(old, run_dir, write=True)
+    other = ml_collections.ConfigDict({"seed": 0, "rl": {"steps": 10, "budget_mode": "pid"}})
+    with pytest.raises(cli.ConfigError, match=r"rl.budget_mode: <absent> -> \"pid\""):
+        cli.write_run_config(other, run_dir, write=True, defaults=defaults)
+    with pytest.raises(cli.ConfigError, match=r"rl.budget_mode: <absent> -> \"dual\""):
+        cli.write_run_config(extended, run_dir, write=True)           # no defaults given

@@ -12,6 +12,7 @@ from data.arithmetic import load_problems
 from data.compression import level_for_ratio
 from data.formats import LEVELS
 from experiments import cli, pipeline, rundir
+from experiments.configs import pipeline_blocks
 
 TEST_CONFIG = "experiments/configs/test.py"
 
@@ -70,12 +71,12 @@ def test_a_stage_without_its_inputs_names_the_stages_to_run_first(tmp_path):
 
 def test_default_config_is_valid_and_runs_every_stage():
     config = parse(config="experiments/configs/default.py")
-    assert pipeline.selected_stages(config.stage) == list(pipeline.STAGE_ORDER)
-    assert pipeline.selected_stages("rl, data") == ["data", "rl"]
-    assert "evaluate_val" not in pipeline.selected_stages("all")   # only when named
-    assert pipeline.selected_stages("evaluate_val,evaluate") == ["evaluate", "evaluate_val"]
+    assert pipeline_blocks.selected_stages(config.stage) == list(pipeline_blocks.STAGE_ORDER)
+    assert pipeline_blocks.selected_stages("rl, data") == ["data", "rl"]
+    assert "evaluate_val" not in pipeline_blocks.selected_stages("all")   # only when named
+    assert pipeline_blocks.selected_stages("evaluate_val,evaluate") == ["evaluate", "evaluate_val"]
     from experiments import sft
-    assert pipeline.selected_stages("all", sft.STAGES) == [
+    assert pipeline_blocks.selected_stages("all", sft.STAGES) == [
         "sft_base", "sft_mixed", "sft_policy", "sft_tokenskip"]
 
 
@@ -102,7 +103,7 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     pipeline.main(config)
     out = capsys.readouterr().out
     run = rundir.Run(run_dir)
-    for stage in pipeline.STAGE_ORDER:
+    for stage in pipeline_blocks.STAGE_ORDER:
         summary = run.summary(stage)
         assert summary["seconds"] > 0, stage
     for split in ("sft", "rl", "val", "test"):
@@ -148,6 +149,13 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     assert result["policy_difficulty"] == result["difficulty"]["chrpo"]
     for name in ("accuracy_vs_actratio.png", "policy_difficulty.png"):
         assert os.path.getsize(run.path("evaluate", name)) > 1000
+
+    # every JSON file the run wrote is strict JSON (null, never NaN)
+    written = [os.path.join(d, f) for d, _, files in os.walk(run_dir) for f in files
+               if f.endswith((".json", ".jsonl"))]
+    assert len(written) > 20
+    for path in written:
+        rundir.check_strict_json(path)
 
     # a second run skips every stage
     assert all(s.get("skipped") for k, s in pipeline.run_stages(config).items()

@@ -163,10 +163,10 @@ def _make_run(root: str) -> None:
         run.mark_done(stage, {"made_by": "test"})
 
 
-def _parity_rewards(batch, calibration):
+def _parity_rewards(batch, calibration, **kwargs):
     """The real reward inputs, with every rollout valid and "correct" iff the sum of
     its completion ids plus its subgroup index is odd (see the module docstring)."""
-    inputs = _REAL_REWARD_INPUTS(batch, calibration)
+    inputs = _REAL_REWARD_INPUTS(batch, calibration, **kwargs)
     odd = [(int(ids[m].sum()) + int(sub)) % 2 == 1 for ids, m, sub in
            zip(batch.completion_ids, batch.completion_mask, batch.local_ids)]
     return inputs._replace(valid=jnp.ones_like(inputs.valid), correct=jnp.asarray(odd))
@@ -180,7 +180,7 @@ def _params(model) -> dict[str, np.ndarray]:
             jax.tree_util.tree_leaves_with_path(nnx.split(model, nnx.Param, ...)[1])}
 
 
-def _run_rl(root: str, mesh: dict | None, microbatches: int = 1) -> dict:
+def _run_rl(root: str, mesh: dict | None, microbatches: int = 1, config=None) -> dict:
     """Run the rl stage; its metrics, final parameters, each step's rollouts
     (completion ids), the fraction of the policy's bytes one device held and the
     row shards of the sampler's prompts (rows / rows per device)."""
@@ -200,7 +200,7 @@ def _run_rl(root: str, mesh: dict | None, microbatches: int = 1) -> dict:
 
     rl.rollout_groups, rollouts_module.generate = recording_rollouts, recording_generate
     try:
-        rl.rl(_config(root, mesh, microbatches), run)
+        rl.rl(config or _config(root, mesh, microbatches), run)
     finally:
         rl.rollout_groups, rollouts_module.generate = _REAL_ROLLOUT_GROUPS, _REAL_GENERATE
     return {"metrics": read_metrics(run.path("rl")), "rollouts": rollouts,
@@ -280,6 +280,53 @@ def test_rl_microbatches_equal_one_batch(tmp_path, monkeypatch):
             np.testing.assert_allclose(mine[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
     for key, value in ref["params"].items():
         np.testing.assert_allclose(got["params"][key], value, atol=1e-5, rtol=0, err_msg=key)
+
+
+@pytest.mark.slow
+def test_rl_with_a_pid_budget_resumes_to_the_same_run(tmp_path, monkeypatch):
+    """rl.budget with the PID multiplier and the Lagrangian advantage: the multiplier
+    follows the PID rule on the batch ratio, is logged and plotted, and a run killed after
+    step 1 and resumed gives the straight run's multiplier and parameters exactly."""
+    global _REAL_ROLLOUT_GROUPS
+    _make_run(str(tmp_path / "straight"))
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    monkeypatch.setattr(rl, "reward_inputs", _parity_rewards)
+
+    def budget_config(root):
+        c = _config(root, None)
+        c.rl.update({"budget": 0.05, "budget_controller": "pid", "budget_two_sided": True,
+                     "checkpoint_every": 1})
+        c.rl.objective.global_mode = "advantage"
+        return c
+
+    ref = _run_rl(str(tmp_path / "straight"), None, config=budget_config(
+        str(tmp_path / "straight")))
+    lams = [m["lambda"] for m in ref["metrics"]]
+    d = [m["ratio_policy"] - 0.05 for m in ref["metrics"]]   # the tiny model's ratios
+    pid = budget_config("").rl.pid
+    assert lams[0] == pytest.approx((pid.kp + pid.ki) * d[0], rel=1e-5) and lams[0] != 0
+    assert lams[1] == pytest.approx(pid.kp * d[1] + pid.ki * (d[0] + d[1]), rel=1e-5, abs=1e-7)
+    assert os.path.exists(tmp_path / "straight" / "rl" / "budget.png")
+    real, calls = _REAL_ROLLOUT_GROUPS, []
+
+    def killed_at_step_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:            # after step 1's checkpoint
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    _REAL_ROLLOUT_GROUPS = killed_at_step_two
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run_rl(str(tmp_path / "resumed"), None,
+                    config=budget_config(str(tmp_path / "resumed")))
+    finally:
+        _REAL_ROLLOUT_GROUPS = real
+    got = _run_rl(str(tmp_path / "resumed"), None, config=budget_config(
+        str(tmp_path / "resumed")))
+    assert [m["lambda"] for m in got["metrics"]] == lams
+    for key, value in ref["params"].items():
+        np.testing.assert_array_equal(got["params"][key], value, err_msg=key)
 
 
 _REAL_ROLLOUT_GROUPS = rl.rollout_groups
