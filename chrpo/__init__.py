@@ -14,7 +14,7 @@ from chrpo.advantages import (ESTIMATORS, AdvantageConfig, AdvantageResult,
                               grpo_batch_advantages,
                               hierarchical_advantages, nested_ids, rloo_advantages)
 from chrpo.budget import (LagrangeState, PIDLagrangeState, allocate_levels, budget_mask,
-                          constraint_violation, init_lagrange, init_pid_lagrange,
+                          choose_levels, constraint_violation, init_lagrange, init_pid_lagrange,
                           realized_ratio, update_lagrange, update_pid_lagrange,
                           within_budget)
 from chrpo.losses import (AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, LossConfig,
@@ -44,7 +44,7 @@ __all__ = [
     # budget
     "realized_ratio", "within_budget", "budget_mask", "LagrangeState", "init_lagrange",
     "constraint_violation", "update_lagrange", "PIDLagrangeState", "init_pid_lagrange",
-    "update_pid_lagrange", "allocate_levels",
+    "update_pid_lagrange", "allocate_levels", "choose_levels",
     # advantages
     "AdvantageConfig", "AdvantageResult", "ESTIMATORS", "nested_ids",
     "grpo_advantages", "grpo_batch_advantages", "drgrpo_advantages", "rloo_advantages",

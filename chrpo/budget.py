@@ -51,7 +51,7 @@ Array = jnp.ndarray
 
 __all__ = ["realized_ratio", "within_budget", "budget_mask", "LagrangeState",
            "init_lagrange", "constraint_violation", "update_lagrange", "PIDLagrangeState",
-           "init_pid_lagrange", "update_pid_lagrange", "allocate_levels"]
+           "init_pid_lagrange", "update_pid_lagrange", "allocate_levels", "choose_levels"]
 
 
 def realized_ratio(think_len: Array, ref_len: Array, *,
@@ -165,7 +165,6 @@ def update_lagrange(state: LagrangeState, ratio: Array,
     return LagrangeState(multiplier=new)
 
 
-
 class PIDLagrangeState(NamedTuple):
     """State of the PID Lagrange multiplier (``update_pid_lagrange``); float32 scalars."""
     multiplier: Array   # lambda: >= 0 one-sided, any sign two-sided
@@ -237,6 +236,29 @@ def _choices(acc: Array, cost: Array, mu: Array) -> Array:
     """argmax_k acc - mu * cost per row; ties go to the first column (the cheapest level
     when columns ascend), by a 1e-6 * cost tie-break that every |mu| > 1e-6 outweighs."""
     return jnp.argmax(acc - (mu + 1e-6) * cost, axis=1)
+
+
+def choose_levels(utility: Array, cost: Array, multiplier: Array | float) -> Array:
+    """``c_q = argmax_k utility[q, k] - mu * cost[q, k]``, int32 [Q]: the per-question rule
+    of ``allocate_levels`` at a given multiplier mu (e.g. one that ``allocate_levels``
+    found on other questions), so each question's level needs no other question.
+
+    Ties go to the cheaper (earlier) column. With ``utility`` a policy's log-probabilities
+    of the levels, this decodes the policy under a budget: mu prices a unit of ratio
+    in nats (``experiments/evaluate.py``, method 'chrpo-budget').
+
+    Example:
+      >>> import jax.numpy as jnp, chrpo
+      >>> logp = jnp.log(jnp.array([[0.6, 0.4], [0.3, 0.7]]))
+      >>> cost = jnp.array([[0.2, 0.6], [0.2, 0.6]])
+      >>> chrpo.choose_levels(logp, cost, 1.0).tolist()   # only the second prefers it enough
+      [0, 1]
+    """
+    fn = "choose_levels"
+    utility = _checks.as_float(_checks.check_rank(fn, "utility", utility, 2))
+    cost = _checks.as_float(_checks.check_shape(fn, "cost", cost, utility.shape))
+    mu = _checks.as_float(_checks.check_rank(fn, "multiplier", multiplier, 0))
+    return _choices(utility, cost, mu).astype(jnp.int32)
 
 
 def allocate_levels(acc: Array, cost: Array, budget: float, *, mask: Array | None = None,

@@ -38,9 +38,8 @@ from experiments.datasets import read_questions
 from experiments.rollouts import answer_questions, place_model
 from models import sharding
 
-__all__ = ["calibration_target", "reference_length", "level_accuracy", "length_buckets",
-           "budget_targets",
-           "policy_targets", "calibrate", "STAGES"]
+__all__ = ["calibration_target", "reference_length", "level_accuracy", "level_costs",
+           "length_buckets", "budget_targets", "policy_targets", "calibrate", "STAGES"]
 
 
 def calibration_target(correct: Mapping[int, bool]) -> int | None:
@@ -84,6 +83,16 @@ def length_buckets(lengths: list[int], buckets: int) -> list[int]:
     return [int(np.searchsorted(edges, n, side="right")) for n in lengths]
 
 
+def level_costs(rows: list[Mapping]) -> np.ndarray:
+    """Each level's mean realized ratio (think tokens / ref_len) over the calibration rows
+    that have a reference length, float32 [len(LEVELS)]: the cost of a level."""
+    counted = [r for r in rows if r["ref_len"]]
+    if not counted:
+        raise ValueError("level_costs: no calibration row has a reference length (ref_len)")
+    return np.array([[r["levels"][str(lv)]["think_length"] / r["ref_len"] for lv in LEVELS]
+                     for r in counted], np.float32).mean(axis=0)
+
+
 def budget_targets(rows: list[Mapping], budget: float, *, two_sided: bool = True,
                    buckets: int = 0) -> tuple[list[int | None], dict]:
     """One target level per calibration row at a mean ratio of ``budget``.
@@ -106,9 +115,7 @@ def budget_targets(rows: list[Mapping], budget: float, *, two_sided: bool = True
     counted = [i for i, r in enumerate(rows) if r["ref_len"]]
     if not counted:
         return [None] * len(rows), {"multiplier": None, "planned_ratio": None, "costs": {}}
-    ratios = np.array([[rows[i]["levels"][str(lv)]["think_length"] / rows[i]["ref_len"]
-                        for lv in LEVELS] for i in counted], np.float32)
-    costs = ratios.mean(axis=0)
+    costs = level_costs(rows)
     acc = np.array([[level_accuracy(rows[i])[lv] for lv in LEVELS] for i in counted],
                    np.float32)
     if buckets:

@@ -10,6 +10,18 @@ Methods (greedy decoding on the test questions; stage ``evaluate_val``: validati
     tokenskip <COMP_k> sft_tokenskip, level prompt (the TokenSkip-style baseline)
     policy warm start  sft_policy,    <COMP_POLICY> prompt (before RL)
     chrpo policy       rl,            <COMP_POLICY> prompt
+    chrpo-budget       rl,            <COMP_POLICY> prompt, the level chosen under the
+                                      budget ``rl.budget`` (with 'chrpo', when one is set)
+
+``chrpo-budget`` decodes the RL policy under its budget (this project's; docs/chrpo.md,
+"Decoding under a budget"): on the validation questions the policy's log-probabilities
+of the levels ``u[q, k]`` (``rollouts.level_logprobs``) and the levels' costs (their
+mean realized ratio in the calibration, ``calibrate.level_costs``; their nominal k / 100
+where no calibration answer had a reference length) give the multiplier
+mu at which ``chrpo.allocate_levels`` spends a mean ratio of B; each test question then
+takes ``argmax_k u[q, k] - mu * cost[k]`` (``chrpo.choose_levels``) on its own, that
+level's control token is forced and the rest is decoded greedily. No test answer is
+seen; mu and the validation mean are in results.json (``budget_decode``).
 
 Per method (docs/method.md, "Evaluation"): Acc = exact answer match after
 normalisation; Tokens = mean think tokens (closed think span, counted on ids);
@@ -27,28 +39,55 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from data.formats import POLICY
-from experiments import rundir, stats
+import chrpo
+from data.formats import LEVELS, POLICY
+from experiments import calibrate, rundir, stats
 from experiments.datasets import read_questions
-from experiments.rollouts import answer_questions, place_model
+from experiments.rollouts import answer_questions, level_logprobs, place_model
 from models import sharding
 
 __all__ = ["method_plan", "results_table", "markdown_table", "difficulty_profile",
-           "evaluate", "STAGES"]
+           "budget_decode_levels", "evaluate", "STAGES"]
 
 PLOT_FILES = ("accuracy_vs_actratio.png", "policy_difficulty.png")
 METHOD_STAGES = {"base": "sft_base", "extra-cot": "sft_mixed", "tokenskip": "sft_tokenskip",
-                 "policy-warm-start": "sft_policy", "chrpo": "rl"}
+                 "policy-warm-start": "sft_policy", "chrpo": "rl", "chrpo-budget": "rl"}
 
 
-def method_plan(block: ml_collections.ConfigDict) -> list[tuple[str, object]]:
-    """(method, control) pairs to evaluate, in table order."""
+def method_plan(block: ml_collections.ConfigDict, *, budget: float | None = None
+                ) -> list[tuple[str, object]]:
+    """(method, control) pairs to evaluate, in table order; 'chrpo-budget' comes with
+    'chrpo' when there is a ``budget`` (the RL stage's ``rl.budget``)."""
     plan: list[tuple[str, object]] = [("base", None)]
     plan += [("extra-cot", level) for level in block.levels]
     plan += [("tokenskip", level) for level in block.tokenskip_levels]
     plan += [("policy-warm-start", POLICY), ("chrpo", POLICY)]
-    methods = block.get("methods", tuple(METHOD_STAGES))
+    if budget is not None:
+        plan.append(("chrpo-budget", POLICY))
+    methods = set(block.get("methods", tuple(METHOD_STAGES)))
+    if "chrpo" in methods:
+        methods.add("chrpo-budget")
     return [(m, c) for m, c in plan if m in methods]
+
+
+def budget_decode_levels(model, tok, val_questions, questions, *, budget: float,
+                         costs: np.ndarray, batch_size: int) -> tuple[list[int], dict]:
+    """The level of each of ``questions`` when the policy is decoded under ``budget``
+    (module docstring): mu from ``val_questions``, then one rule per question."""
+    if not val_questions:
+        raise ValueError("chrpo-budget needs validation questions to set its multiplier")
+    u_val = level_logprobs(model, tok, val_questions, levels=LEVELS, batch_size=batch_size)
+    cost = np.broadcast_to(np.asarray(costs, np.float32), u_val.shape)
+    _, mu, val_mean = chrpo.allocate_levels(u_val, cost, budget, two_sided=True,
+                                            max_multiplier=1e4)
+    u = level_logprobs(model, tok, questions, levels=LEVELS, batch_size=batch_size)
+    choice = chrpo.choose_levels(u, np.broadcast_to(cost[:1], u.shape), mu)
+    levels = [LEVELS[c] for c in np.asarray(choice).tolist()]
+    planned = float(np.mean([costs[LEVELS.index(lv)] for lv in levels])) if levels else None
+    return levels, {"budget": float(budget), "multiplier": float(mu),
+                    "val_questions": len(val_questions), "val_planned_ratio": float(val_mean),
+                    "planned_ratio": planned,
+                    "level_costs": {str(lv): float(c) for lv, c in zip(LEVELS, costs)}}
 
 
 def _control_name(control) -> str:
@@ -147,7 +186,7 @@ def _plots(table: Sequence[dict], rows: Sequence[dict], out_dir: str, key: str) 
     plt.close(fig)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for method in ("chrpo", "policy-warm-start", "base"):
+    for method in ("chrpo", "chrpo-budget", "policy-warm-start", "base"):
         prof = difficulty_profile(rows, method=method, key=key)
         if not prof:
             continue
@@ -179,34 +218,56 @@ def evaluate(config, run: rundir.Run, *, split: str = "test") -> dict:
     block, tok = config.evaluate, run.tokenizer()
     out_dir = run.stage_dir("evaluate" if split == "test" else f"evaluate_{split}")
     questions = read_questions(run.path("data", f"{split}.jsonl"))[:block.num_questions]
-    rows, models = [], {}                      # one model in memory, on config.mesh
+    rows, models, decode = [], {}, None       # one model in memory, on config.mesh
     mesh = sharding.mesh_from_config(config.get("mesh"))
-    for method, control in method_plan(block):
+    budget = config.rl.get("budget") if "rl" in config else None
+    for method, control in method_plan(block, budget=budget):
         stage = METHOD_STAGES[method]
         if stage not in models:
             models = {stage: place_model(rundir.load_model(run.path(stage)), mesh)}
         max_new = block.max_new_tokens
+        levels = None
+        if method == "chrpo-budget":
+            val = read_questions(run.path("data", "val.jsonl"))
+            calib = rundir.read_jsonl(run.path("calibrate", "calibration.jsonl"))
+            if any(r["ref_len"] for r in calib):
+                costs, source = calibrate.level_costs(calib), "calibration"
+            else:       # no full-length answer was right: each level's nominal ratio
+                costs, source = np.asarray(LEVELS, np.float32) / 100, "nominal"
+                print("[evaluate] chrpo-budget: no calibration row has a reference length; "
+                      "the level costs are their nominal ratios k / 100", flush=True)
+            levels, decode = budget_decode_levels(models[stage], tok, val, questions,
+                                                  budget=budget, costs=costs,
+                                                  batch_size=block.batch_size)
+            decode["level_costs_from"] = source
+            print(f"[evaluate] chrpo-budget: B={budget:g}, mu={decode['multiplier']:.3g}, "
+                  f"planned ratio {decode['val_planned_ratio']:.3f} on "
+                  f"{decode['val_questions']} validation questions", flush=True)
         judged = answer_questions(models[stage], tok, questions, control=control,
-                                  batch_size=block.batch_size, max_new_tokens=max_new)
+                                  batch_size=block.batch_size, max_new_tokens=max_new,
+                                  levels=levels)
         for q, j in zip(questions, judged):
             rows.append({"uid": q.uid, "method": method, "control": _control_name(control),
                          "difficulty": q.difficulty, **j.row()})
     rundir.write_jsonl(os.path.join(out_dir, "responses.jsonl"), rows)
     table = results_table(rows)
     profiles = {m: difficulty_profile(rows, method=m, key=block.difficulty_key)
-                for m in ("chrpo", "policy-warm-start", "base")}
+                for m in ("chrpo", "chrpo-budget", "policy-warm-start", "base")}
     if sharding.is_main_process():
-        _write_tables(out_dir, split, table, profiles)
+        _write_tables(out_dir, split, table, profiles, decode)
         _plots(table, rows, out_dir, block.difficulty_key)
     return {"rows": len(table), "plots": list(PLOT_FILES)}
 
 
-def _write_tables(out_dir: str, split: str, table: Sequence[dict], profiles: dict) -> None:
+def _write_tables(out_dir: str, split: str, table: Sequence[dict], profiles: dict,
+                  decode: dict | None = None) -> None:
     """results.json and results.md (the caller writes on process 0 only)."""
+    out = {"split": split, "table": table, "policy_difficulty": profiles["chrpo"],
+           "difficulty": {m: p for m, p in profiles.items() if p or m != "chrpo-budget"}}
+    if decode is not None:
+        out["budget_decode"] = decode
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(rundir.strict_json({"split": split, "table": table,
-                               "policy_difficulty": profiles["chrpo"], "difficulty": profiles}),
-                  f, indent=2, allow_nan=False)
+        json.dump(rundir.strict_json(out), f, indent=2, allow_nan=False)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown_table(table) + "\n")
 

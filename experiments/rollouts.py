@@ -38,10 +38,10 @@ from data.tokenizers import Tokenizer
 from experiments.datasets import Question, bucket_width, pad_left
 from models import sharding
 from models.qwen3 import Qwen3
-from models.sampling import generate
+from models.sampling import generate, score
 
 __all__ = ["Judged", "place_model", "generate_responses", "judge", "answer_questions",
-           "RolloutGroups", "rollout_groups"]
+           "level_logprobs", "RolloutGroups", "rollout_groups"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,19 +137,65 @@ def judge(tokenizer: Tokenizer, response: Sequence[int], gold: str, *,
 def answer_questions(model: Qwen3, tokenizer: Tokenizer, questions: Sequence[Question], *,
                      control: Control, batch_size: int, max_new_tokens: int,
                      temperature: float = 0.0, key: jax.Array | None = None,
-                     mesh: Mesh | None = None) -> list[Judged]:
+                     mesh: Mesh | None = None,
+                     levels: Sequence[int] | None = None) -> list[Judged]:
     """Greedy (or sampled) answers to ``questions`` in one mode, judged.
 
     ``control``: None (base mode), a level (``<COMP_xx>`` prompts, the response
-    must start with a control token) or ``'policy'``. ``mesh``: see
-    :func:`generate_responses`.
+    must start with a control token) or ``'policy'``. ``levels`` (policy mode
+    only): one level per question that opens its response (``<COMP_level>`` is
+    forced, the rest decoded), as the RL stage's forced rollouts are. ``mesh``:
+    see :func:`generate_responses`.
     """
     prompts = [build_prompt(tokenizer, q.question, control=control) for q in questions]
-    responses = generate_responses(model, prompts, tokenizer=tokenizer, batch_size=batch_size,
+    forced: list[list[int]] = [[] for _ in questions]
+    if levels is not None:
+        if control != "policy" or len(levels) != len(questions):
+            raise ValueError(f"levels: one per question ({len(questions)}) in policy mode; "
+                             f"got {len(levels)} with control={control!r}")
+        unknown = sorted({lv for lv in levels if lv not in tokenizer.control_ids})
+        if unknown:
+            raise ValueError(f"levels {unknown} have no control token; known: "
+                             f"{sorted(tokenizer.control_ids)}")
+        forced = [[tokenizer.control_ids[lv]] for lv in levels]
+    responses = generate_responses(model, [p + f for p, f in zip(prompts, forced)],
+                                   tokenizer=tokenizer, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, temperature=temperature,
                                    key=key, mesh=mesh)
-    return [judge(tokenizer, r, q.answer, expect_control=control is not None)
-            for r, q in zip(responses, questions)]
+    return [judge(tokenizer, np.concatenate([np.asarray(f, np.int32), r]), q.answer,
+                  expect_control=control is not None)
+            for f, r, q in zip(forced, responses, questions)]
+
+
+def level_logprobs(model: Qwen3, tokenizer: Tokenizer, questions: Sequence[Question], *,
+                   levels: Sequence[int], batch_size: int,
+                   prompt_bucket: int = 32) -> np.ndarray:
+    """log pi(<COMP_k> | policy prompt) for each question and level k, float32 [Q, K].
+
+    The policy's own preference among the levels as the first response token (log
+    probabilities over the whole vocabulary, in one teacher-forced pass per batch;
+    a row's normaliser is the same for every level, so argmax rules are unchanged
+    by renormalising over the K levels).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
+    if not questions:
+        return np.zeros((0, len(levels)), np.float32)
+    ids = np.asarray([tokenizer.control_ids[lv] for lv in levels], np.int32)
+    graphdef, state = nnx.split(model)
+    prompts = [build_prompt(tokenizer, q.question, control="policy") for q in questions]
+    width = bucket_width(max(len(p) for p in prompts), prompt_bucket)
+    k, out = len(levels), []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        real = len(chunk)
+        chunk = chunk + [chunk[0]] * (batch_size - real)     # one compiled shape
+        p_ids, p_mask = pad_left([p for p in chunk for _ in range(k)], width=width,
+                                 pad_id=tokenizer.pad_id)
+        c_ids = np.tile(ids, len(chunk))[:, None]
+        logp = score(graphdef, state, p_ids, p_mask, c_ids, np.ones_like(c_ids, bool))
+        out.append(np.asarray(logp, np.float32).reshape(len(chunk), k)[:real])
+    return np.concatenate(out)
 
 
 # ----------------------------------------------------------------------------- RL rollout groups

@@ -8,7 +8,8 @@ when given, each seed's budget sweep, ``experiments.study.sweep_runs``) into stu
   seeds with a Student-t interval; ``paired``: comparisons on the same questions,
   exact McNemar and a paired bootstrap of the accuracy difference; ``targets``: the
   targets of docs/results.md per seed; ``budget_targets``: the budget sweep's
-  targets (``sweep_targets``). Rows of the sweep carry their ``budget``. Strict JSON.
+  targets (``sweep_targets``) and, where the sweep decoded CHRPO under its budget,
+  ``budget_decode_targets``. Rows of the sweep carry their ``budget``. Strict JSON.
 
 ``markdown`` writes study.md, ``plot`` accuracy_vs_actratio.png (error bars from the
 seeds). The statistics are experiments/stats.py; the per-seed tables are
@@ -24,7 +25,7 @@ import numpy as np
 
 from experiments import evaluate, rundir, stats
 
-__all__ = ["COMPARISONS", "DIFFICULTY_METHODS", "PEERS", "seed_tables", "sweep_rows",
+__all__ = ["COMPARISONS", "DIFFICULTY_METHODS", "PEERS", "POLICIES", "seed_tables", "sweep_rows",
            "sweep_tables", "sweep_markdown", "frontier", "sweep_targets", "summarise",
            "paired_tests", "targets", "study_report", "markdown", "plot", "write_report"]
 
@@ -36,10 +37,14 @@ COMPARISONS = (
 )
 """(a, b) pairs compared on the same questions, per seed: ``a`` minus ``b``."""
 
-DIFFICULTY_METHODS = ("base", "policy-warm-start", "chrpo", "lcpo", "length-penalty")
+DIFFICULTY_METHODS = ("base", "policy-warm-start", "chrpo", "chrpo-budget", "lcpo",
+                      "length-penalty")
 
 PEERS = ("lcpo", "length-penalty")
 """The budget sweep's peers of CHRPO (``experiments.study.SWEEP_METHODS``)."""
+
+POLICIES = ("chrpo", "chrpo-budget")
+"""CHRPO's RL policy as decoded greedily and under its budget (experiments/evaluate.py)."""
 
 def seed_tables(seed: int, rows: Sequence[dict], *, difficulty_key: str = "n_steps",
                 budget: float | None = None) -> tuple[list[dict], list[dict]]:
@@ -60,12 +65,14 @@ def seed_tables(seed: int, rows: Sequence[dict], *, difficulty_key: str = "n_ste
 
 def sweep_rows(method: str, rows: Sequence[dict], *, warm_start: bool) -> list[dict]:
     """A sweep run's verdicts relabelled: its RL policy as ``method``, its base rows kept
-    (the ActRatio reference) and its warm start only where ``warm_start``."""
+    (the ActRatio reference), its warm start only where ``warm_start``, and the
+    budget decode of CHRPO's policy ('chrpo-budget', only CHRPO's runs have it)."""
     out = []
     for r in rows:
         if r["method"] == "chrpo":
             out.append({**r, "method": method})
-        elif r["method"] == "base" or (warm_start and r["method"] == "policy-warm-start"):
+        elif r["method"] in ("base", "chrpo-budget") or (
+                warm_start and r["method"] == "policy-warm-start"):
             out.append(r)
     return out
 
@@ -87,8 +94,10 @@ def sweep_tables(seed: int, runs: Mapping[tuple[str, float], Sequence[dict]], *,
             diff += [x for x in d if x["method"] != "base"]
             keep_base = not merged          # the base rows once, from the first run
             merged += [x for x in relabelled if keep_base or x["method"] != "base"]
-        comparisons = [(("chrpo", "<COMP_POLICY>"), (m, "<COMP_POLICY>")) for m in PEERS]
-        comparisons.append((("chrpo", "<COMP_POLICY>"), ("base", "-")))
+        comparisons = [((p, "<COMP_POLICY>"), (m, "<COMP_POLICY>"))
+                       for p in POLICIES for m in PEERS]
+        comparisons += [((p, "<COMP_POLICY>"), ("base", "-")) for p in POLICIES]
+        comparisons.append((("chrpo-budget", "<COMP_POLICY>"), ("chrpo", "<COMP_POLICY>")))
         paired += paired_tests(seed, merged, comparisons=comparisons, budget=budget,
                                samples=samples)
     return rows, diff, paired
@@ -103,11 +112,14 @@ def sweep_markdown(sweep: Mapping[int, Mapping[tuple[str, float], Sequence[dict]
     for seed, runs in sorted(sweep.items()):
         for (method, budget), got in sorted(runs.items()):
             rows = sweep_rows(method, got, warm_start=False)
-            t = next(x for x in evaluate.results_table(rows) if x["method"] == method)
-            prof = evaluate.difficulty_profile(rows, method=method, key=difficulty_key)
-            levels = ", ".join(f"{p[difficulty_key]}: {p['mean_level']:.1f}" for p in prof)
-            lines.append(f"| {seed} | {method} | {budget:g} | {_pct(t['accuracy'])} | "
-                         f"{t['act_ratio']:.3f} | {levels} |")
+            for t in evaluate.results_table(rows):
+                if t["method"] == "base":
+                    continue
+                prof = evaluate.difficulty_profile(rows, method=t["method"],
+                                                   key=difficulty_key)
+                levels = ", ".join(f"{p[difficulty_key]}: {p['mean_level']:.1f}" for p in prof)
+                lines.append(f"| {seed} | {t['method']} | {budget:g} | {_pct(t['accuracy'])} | "
+                             f"{t['act_ratio']:.3f} | {levels} |")
     return "\n".join(lines) + "\n"
 
 
@@ -125,8 +137,10 @@ def frontier(summary: Sequence[dict], act_ratio: float, *, method: str = "extra-
 
 def sweep_targets(summary: Sequence[dict], difficulty: Sequence[dict], *,
                   difficulty_key: str = "n_steps", tolerance: float = 0.05,
-                  adapt_budget: float = 0.3, adapt_gap: float = 15.0) -> dict:
-    """The budget targets of docs/results.md on the means over seeds, per budget:
+                  adapt_budget: float = 0.3, adapt_gap: float = 15.0,
+                  policy: str = "chrpo") -> dict:
+    """The budget targets of docs/results.md on the means over seeds, per budget, for
+    ``policy`` ('chrpo', or 'chrpo-budget': the same policy decoded under its budget):
 
     - ``budget_met``: |ActRatio - B| <= ``tolerance``;
     - ``above_frontier``: accuracy above the Extra-CoT fixed-level frontier at the
@@ -143,7 +157,7 @@ def sweep_targets(summary: Sequence[dict], difficulty: Sequence[dict], *,
     out = []
     for b in sorted({t["budget"] for t in summary if t["budget"] is not None}):
         at = {t["method"]: t for t in summary if t["budget"] == b}
-        pol = at.get("chrpo")
+        pol = at.get(policy)
         if pol is None:
             continue
         ratio = pol["act_ratio_mean"]      # None where the base model wrote no think tokens
@@ -158,7 +172,7 @@ def sweep_targets(summary: Sequence[dict], difficulty: Sequence[dict], *,
                 entry["base_minus_1"] = pol["acc_mean"] >= base["acc_mean"] - 0.01
             levels: dict = {}
             for d in difficulty:
-                if d["method"] == "chrpo" and d["budget"] == b and np.isfinite(d["mean_level"]):
+                if d["method"] == policy and d["budget"] == b and np.isfinite(d["mean_level"]):
                     levels.setdefault(d[difficulty_key], []).append(d["mean_level"])
             if len(levels) >= 2:
                 keys = sorted(levels)
@@ -166,7 +180,7 @@ def sweep_targets(summary: Sequence[dict], difficulty: Sequence[dict], *,
                 entry["level_gap"], entry["adaptive"] = gap, gap >= adapt_gap
         peers = {}
         for m, t in at.items():
-            if m in ("chrpo", "policy-warm-start") or t["act_ratio_mean"] is None:
+            if m not in PEERS or t["act_ratio_mean"] is None:
                 continue
             peer_edge = frontier(summary, t["act_ratio_mean"])
             peers[m] = {"acc_diff": pol["acc_mean"] - t["acc_mean"],
@@ -293,6 +307,10 @@ def study_report(seed_rows: Mapping[int, Sequence[dict]], *, difficulty_key: str
               "targets": targets(rows, paired, seeds)}
     if sweep:
         report["budget_targets"] = sweep_targets(summary, diff, difficulty_key=difficulty_key)
+        decoded = sweep_targets(summary, diff, difficulty_key=difficulty_key,
+                                policy="chrpo-budget")
+        if decoded["per_budget"]:
+            report["budget_decode_targets"] = decoded
     return rundir.strict_json(report)
 
 
@@ -340,13 +358,16 @@ def markdown(report: Mapping) -> str:
     if "base_acc_mean" in t:
         lines.append(f"Base model: mean {_pct(t['base_acc_mean'])}%, spread "
                      f"{_pct(t['base_acc_spread'])} points.")
-    if report.get("budget_targets"):
-        lines += ["", "Budget targets (means over seeds; the frontier is Extra-CoT's fixed levels "
-                  "interpolated at the policy's ActRatio; peers: CHRPO minus the peer, points, "
-                  "and the same on the frontier-relative scale):", "",
+    for key, who in (("budget_targets", "CHRPO"),
+                     ("budget_decode_targets", "CHRPO decoded under its budget (chrpo-budget)")):
+        if not report.get(key):
+            continue
+        lines += ["", f"Budget targets of {who} (means over seeds; the frontier is Extra-CoT's "
+                  "fixed levels interpolated at the policy's ActRatio; peers: the policy minus "
+                  "the peer, points, and the same on the frontier-relative scale):", "",
                   "| budget | ActRatio | met | Acc (%) | frontier (%) | margin | level gap | "
                   "vs peers |", "|---:|---:|---|---:|---:|---:|---:|---|"]
-        for e in report["budget_targets"]["per_budget"]:
+        for e in report[key]["per_budget"]:
             peers = "; ".join(
                 f"{m} {100 * p['acc_diff']:+.1f}"
                 + ("" if p["matched_margin"] is None else f" ({100 * p['matched_margin']:+.1f})")
@@ -390,7 +411,8 @@ def plot(report: Mapping, path: str) -> str:
         pts = [t for t in summary if t["method"] == method and t["budget"] is None]
         if pts:
             draw(pts, fmt, method, markersize=9)
-    for method, fmt in (("chrpo", "D-"), ("lcpo", "^:"), ("length-penalty", "x:")):
+    for method, fmt in (("chrpo", "D-"), ("chrpo-budget", "P-"), ("lcpo", "^:"),
+                        ("length-penalty", "x:")):
         pts = [t for t in summary if t["method"] == method and t["budget"] is not None]
         if pts:
             draw(pts, fmt, f"{method} (budget sweep)", markersize=7)

@@ -120,8 +120,16 @@ def test_study_end_to_end_on_the_test_config(tmp_path, capsys):
     assert methods == {"base", "extra-cot", "tokenskip", "policy-warm-start", "chrpo"}
     swept = {(r["method"], r["budget"]) for r in on_disk["rows"] if r["budget"] is not None}
     assert swept == {("chrpo", 0.3), ("lcpo", 0.3), ("length-penalty", 0.3),
-                     ("policy-warm-start", 0.3)}
+                     ("policy-warm-start", 0.3), ("chrpo-budget", 0.3)}
     assert [e["budget"] for e in on_disk["budget_targets"]["per_budget"]] == [0.3]
+    assert [e["budget"] for e in on_disk["budget_decode_targets"]["per_budget"]] == [0.3]
+    with open(f"{root}/seed1/sweep/b0.3-chrpo/evaluate/results.json") as f:
+        decode = json.load(f)["budget_decode"]
+    assert decode["budget"] == 0.3 and decode["val_questions"] > 0
+    costs = decode["level_costs"].values()       # the tiny model's: B may be out of reach
+    assert min(costs) - 1e-6 <= decode["val_planned_ratio"] <= max(costs) + 1e-6
+    if min(costs) <= 0.3 <= max(costs):
+        assert abs(decode["val_planned_ratio"] - 0.3) <= max(costs) / decode["val_questions"]
     lcpo_run = f"{root}/seed1/sweep/b0.3-lcpo"
     with open(f"{lcpo_run}/config.json") as f:
         saved = json.load(f)
@@ -151,6 +159,12 @@ def sweep_verdicts(seed, n=200):
                   "correct": bool(right[i]), "valid": True,
                   "level": level[0] if i % 3 == 0 else level[1], "think_length": tokens,
                   "difficulty": {"n_steps": 2 + i % 3}} for i in range(n)]
+        if method == "chrpo":      # its budget decode: at the budget, levels 20 / 100
+            decoded = rng.random(n) < acc - 0.05
+            rows += [{"uid": f"q{i}", "method": "chrpo-budget", "control": "<COMP_POLICY>",
+                      "correct": bool(decoded[i]), "valid": True,
+                      "level": 20 if i % 3 == 0 else 100, "think_length": tokens + 1,
+                      "difficulty": {"n_steps": 2 + i % 3}} for i in range(n)]
         runs[(method, budget)] = rows
     return runs
 
@@ -162,7 +176,8 @@ def test_sweep_rows_in_the_report():
     swept = [r for r in report["rows"] if r["budget"] is not None]
     assert {(r["method"], r["budget"]) for r in swept} == {
         ("chrpo", 0.3), ("lcpo", 0.3), ("chrpo", 0.6), ("lcpo", 0.6),
-        ("policy-warm-start", 0.3), ("policy-warm-start", 0.6)}
+        ("policy-warm-start", 0.3), ("policy-warm-start", 0.6),
+        ("chrpo-budget", 0.3), ("chrpo-budget", 0.6)}
     row = next(r for r in swept if r["seed"] == 1 and r["method"] == "chrpo"
                and r["budget"] == 0.3)
     assert row["act_ratio"] == pytest.approx(0.3) and row["n"] == 200
@@ -184,6 +199,16 @@ def test_sweep_rows_in_the_report():
         next(s for s in report["summary"] if s["method"] == "chrpo" and s["budget"] == 0.3)
         ["acc_mean"] - next(s for s in report["summary"] if s["method"] == "lcpo"
                             and s["budget"] == 0.3)["acc_mean"])
+    # the budget decode: its own targets, paired against the greedy policy and the peers
+    d = {e["budget"]: e for e in report["budget_decode_targets"]["per_budget"]}
+    assert d[0.3]["act_ratio"] == pytest.approx(0.31) and d[0.3]["budget_met"]
+    assert d[0.3]["level_gap"] == pytest.approx(80.0) and set(d[0.3]["vs_peers"]) == {"lcpo"}
+    pairs = {(p["a"]["method"], p["b"]["method"]) for p in report["paired"]
+             if p["seed"] == 2 and p["budget"] == 0.6}
+    assert pairs == {("chrpo", "lcpo"), ("chrpo-budget", "lcpo"), ("chrpo", "base"),
+                     ("chrpo-budget", "base"), ("chrpo-budget", "chrpo")}
+    text = study_report.markdown(report)
+    assert "Budget targets of CHRPO decoded under its budget" in text
     json.dumps(report, allow_nan=False)
 
 
@@ -225,6 +250,7 @@ def test_link_stages_and_sweep_config(tmp_path):
 def test_sweep_markdown_lists_every_run():
     text = study_report.sweep_markdown({0: sweep_verdicts(0)})
     lines = text.strip().splitlines()
-    assert len(lines) == 2 + 4
+    assert len(lines) == 2 + 4 + 2                  # 4 runs, CHRPO's two with a budget decode
     assert "| 0 | chrpo | 0.3 |" in text and "| 0 | lcpo | 0.6 |" in text
+    assert "| 0 | chrpo-budget | 0.6 |" in text
     assert "2: 20.0, 3: 60.0, 4: 60.0" in text        # chrpo at 0.3: levels by n_steps
