@@ -43,8 +43,8 @@ import ml_collections
 from ml_collections import config_dict
 
 __all__ = ["ConfigError", "load_config", "apply_override", "parse", "run", "flatten", "get",
-           "check", "check_range", "check_choice", "to_json_dict", "write_run_config",
-           "CONFIG_FILE"]
+           "check", "check_range", "check_choice", "to_json_dict", "config_changes",
+           "write_run_config", "CONFIG_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +353,21 @@ def _flat_json(tree: Any, prefix: str = "") -> dict[str, str]:
             out.update(_flat_json(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: json.dumps(tree, sort_keys=True)}
+
+
+def config_changes(config: ml_collections.ConfigDict, run_dir: str | os.PathLike
+                   ) -> list[tuple[str, str, str]]:
+    """``(dotted key, old, new)`` for each key where ``config`` differs from the
+    ``config.json`` of ``run_dir`` (values as JSON text, '<absent>' on one side); []
+    when the run has no config yet."""
+    path = os.path.join(os.fspath(run_dir), CONFIG_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        a = _flat_json(json.load(f))
+    b = _flat_json(to_json_dict(config))
+    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>"))
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def write_run_config(config: ml_collections.ConfigDict, run_dir: str | os.PathLike, *,

@@ -161,6 +161,11 @@ def _stats(rows: list[dict], prefix: str) -> dict:
     return out
 
 
+def with_text(tok, rows: list[dict]) -> list[dict]:
+    """Each row with ``text``, its ``cot_ids`` decoded: what a person reads in the file."""
+    return [{**r, "text": tok.decode(r["cot_ids"])} for r in rows]
+
+
 def compress(config, run: rundir.Run) -> dict:
     """formula.jsonl and baseline.jsonl: re-bucketed compressed self-CoTs."""
     tok = run.tokenizer()
@@ -174,7 +179,7 @@ def compress(config, run: rundir.Run) -> dict:
     plain = [tok.encode(questions[c["uid"]].question) for c in cots]
     pieces = ([tok.decode([i]) for i in range(tok.vocab_size)]
               if config.compress.units == "sentences" else None)
-    rows = compressed_rows(formula, plain, cots, ratios, pieces=pieces)
+    rows = with_text(tok, compressed_rows(formula, plain, cots, ratios, pieces=pieces))
     rundir.write_jsonl(os.path.join(out_dir, "formula.jsonl"), rows)
     summary = _stats(rows, "formula")
     if config.compress.baseline_scorer == "trained":
@@ -186,7 +191,7 @@ def compress(config, run: rundir.Run) -> dict:
         baseline = surprisal_scorer(lm, sep_id=None, batch_size=config.compress.batch_size)
         opener = [tok.token_to_id(THINK_OPEN), *tok.encode("\n")]
         prefixes = [build_prompt(tok, questions[c["uid"]].question) + opener for c in cots]
-    rows = compressed_rows(baseline, prefixes, cots, ratios)
+    rows = with_text(tok, compressed_rows(baseline, prefixes, cots, ratios))
     rundir.write_jsonl(os.path.join(out_dir, "baseline.jsonl"), rows)
     summary.update(_stats(rows, "baseline"))
     return summary

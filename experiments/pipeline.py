@@ -18,7 +18,13 @@ Stages, in order (docs/design.md, data flow of the main job)::
     evaluate       table and plots on held-out problems     experiments/evaluate.py
 
 A stage whose ``<stage>/done.json`` exists is skipped, so a re-run resumes where
-the last one stopped (training stages also resume from their checkpoints).
+the last one stopped (training stages also resume from their checkpoints);
+``--config.force=evaluate`` (or a comma list) runs finished stages again. A
+resumed run may change the keys of every stage block that no started stage has
+read (``--config.rl.steps=40`` before RL began), ``evaluate.*`` and the logging
+intervals; any other change is refused, naming the keys. An allowed change that
+a finished stage did not see (``evaluate.num_questions`` after the evaluation)
+is printed as a warning naming the stage to force.
 ``--config.stage=rl`` (or a comma list) runs only the named stages;
 ``--config.stage=evaluate_val`` evaluates on the validation split (for tuning).
 A stage whose inputs are missing (``stage_inputs``) stops before any work with
@@ -48,7 +54,9 @@ __all__ = ["stage_functions", "stage_inputs", "check_inputs", "run_stages", "mai
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "experiments/configs/default.py"
-RESUMABLE = ("stage", "*.log_every", "*.checkpoint_every", "evaluate.*")
+RESUMABLE = ("stage", "force", "*.log_every", "*.checkpoint_every", "evaluate.*")
+"""Keys that may change in any run directory; a stage block's keys may also change until
+a stage that reads the block has started (``pipeline_blocks.unstarted_blocks``)."""
 
 
 def stage_functions() -> dict:
@@ -116,18 +124,32 @@ def run_stages(config: ml_collections.ConfigDict, *, only: Mapping | None = None
     sharding.initialize_distributed(config.get("distributed"))
     say = print if sharding.is_main_process() else (lambda *a, **k: None)
     names = selected_stages(config.stage, only)
+    forced = set(selected_stages(config.force)) if config.get("force") else set()
     os.makedirs(config.run_dir, exist_ok=True)
-    cli.write_run_config(config, config.run_dir, resumable=RESUMABLE,     # process 0 writes
-                         defaults=pipeline_blocks.base_config())
     run, functions = rundir.Run(config.run_dir), stage_functions()
+    started = [s for s in STAGE_ORDER + EXTRA_STAGES if os.path.lexists(run.path(s))]
+    free = [f"{b}.*" for b in pipeline_blocks.unstarted_blocks(started)]
+    changes = cli.config_changes(config, config.run_dir)
+    cli.write_run_config(config, config.run_dir, resumable=RESUMABLE + tuple(free),
+                         defaults=pipeline_blocks.base_config())       # process 0 writes
+    for key, old, new in changes:     # allowed, but a finished stage does not see it
+        stale = [s for s in pipeline_blocks.block_readers(key.split(".")[0])
+                 if run.done(s) and s not in forced]
+        if stale and not key.endswith(("log_every", "checkpoint_every")):
+            say(f"warning: {key} changed ({old} -> {new}) but stage(s) {stale} finished "
+                f"with the old value and are not rerun; add --config.force={','.join(stale)}",
+                flush=True)
     for i, name in enumerate(names):      # every input before any work
         if not run.done(name):
             check_inputs(config, run, name, planned=names[:i])
     summaries, start = {}, time.perf_counter()
     for i, name in enumerate(names, start=1):
-        status = "done, skipping" if run.done(name) else "running"
+        again = name in forced and run.done(name)
+        status = ("forced, running again" if again else
+                  "done, skipping" if run.done(name) else "running")
         say(f"[{i}/{len(names)}] {name}: {status}", flush=True)
-        summary = rundir.run_stage(run, name, lambda fn=functions[name]: fn(config, run))
+        summary = rundir.run_stage(run, name, lambda fn=functions[name]: fn(config, run),
+                                   force=name in forced)
         summaries[name] = summary
         if not summary.get("skipped"):
             say(f"[{i}/{len(names)}] {name}: finished in {summary['seconds']:.1f}s "
@@ -140,12 +162,15 @@ def run_stages(config: ml_collections.ConfigDict, *, only: Mapping | None = None
 
 
 def main(config: ml_collections.ConfigDict) -> dict:
-    """Run the pipeline, then print the results table (when evaluation has run)."""
+    """Run the pipeline, then print the results table of each evaluation it ran
+    (``evaluate``: the test split; ``evaluate_val``: validation)."""
     summaries = run_stages(config)
-    table = os.path.join(config.run_dir, "evaluate", "results.md")
-    if os.path.exists(table) and sharding.is_main_process():
-        with open(table) as f:
-            print(f"\nresults on held-out problems ({config.run_dir}/evaluate):\n" + f.read())
+    for stage, split in (("evaluate", "held-out test"), ("evaluate_val", "validation")):
+        table = os.path.join(config.run_dir, stage, "results.md")
+        if stage in summaries and os.path.exists(table) and sharding.is_main_process():
+            with open(table) as f:
+                print(f"\nresults on the {split} problems ({config.run_dir}/{stage}):\n"
+                      + f.read())
     return summaries
 
 

@@ -53,10 +53,13 @@ class Judged:
     level: int | None
     think_length: int
     cot_ids: tuple[int, ...]
+    answer: str | None = None     # the extracted answer, None when there is none
+    text: str = ""                # the response decoded (through <|im_end|>)
 
     def row(self) -> dict:
         return {"valid": self.valid, "correct": self.correct, "level": self.level,
-                "think_length": self.think_length}
+                "think_length": self.think_length, "answer": self.answer,
+                "response": self.text}
 
 
 def place_model(model: Qwen3, mesh: Mesh) -> Qwen3:
@@ -131,7 +134,16 @@ def judge(tokenizer: Tokenizer, response: Sequence[int], gold: str, *,
     parsed = parse_response(tokenizer, response, expect_control=expect_control)
     correct = bool(parsed.valid and is_equivalent(parsed.answer, gold))
     return Judged(valid=bool(parsed.valid), correct=correct, level=parsed.level,
-                  think_length=int(parsed.think_length), cot_ids=tuple(parsed.cot_ids))
+                  think_length=int(parsed.think_length), cot_ids=tuple(parsed.cot_ids),
+                  answer=parsed.answer, text=tokenizer.decode(_through_stop(tokenizer,
+                                                                            response)))
+
+
+def _through_stop(tokenizer: Tokenizer, response: Sequence[int]) -> list[int]:
+    """The ids up to and including the first ``<|im_end|>``, in the vocabulary."""
+    ids = [int(i) for i in response if 0 <= int(i) < tokenizer.vocab_size]
+    stop = tokenizer.eos_id
+    return ids[:ids.index(stop) + 1] if stop in ids else ids
 
 
 def answer_questions(model: Qwen3, tokenizer: Tokenizer, questions: Sequence[Question], *,

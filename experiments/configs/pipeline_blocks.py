@@ -16,7 +16,8 @@ some values changed. Keys, by block:
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 
 import ml_collections
 from ml_collections import config_dict
@@ -81,12 +82,58 @@ def selected_stages(stage: str, only: Mapping | None = None) -> list[str]:
     return [n for n in known if n in names]
 
 
+BLOCK_READERS = {"compressor": ("compressor", "data"), "compressor_baseline": ("compressor",),
+                 "rl": ("rl", "sft_policy")}
+"""The stages that read each stage block of the config where that is more than the block's
+own stage: the data stage writes the compressor's held-out problems, the compressor stage
+trains both compressors, the warm start's targets follow ``rl.budget``."""
+
+
+def block_readers(block: str) -> tuple[str, ...]:
+    """The stages whose work depends on config block ``block`` (() for a global block such
+    as ``model`` or ``seed``, which every stage reads)."""
+    if block in BLOCK_READERS:
+        return BLOCK_READERS[block]
+    return (block,) if block in STAGE_ORDER + EXTRA_STAGES else ()
+
+
+def unstarted_blocks(started: Sequence[str]) -> list[str]:
+    """Config blocks that no started stage has read: their keys may still change in a run
+    directory where only the ``started`` stages have begun (experiments/pipeline.py)."""
+    blocks = dict.fromkeys((*STAGE_ORDER, *BLOCK_READERS))
+    return [b for b in blocks if block_readers(b) and not set(block_readers(b)) & set(started)]
+
+
+def _check_local_files(config: ml_collections.ConfigDict) -> None:
+    """The tokenizer and every benchmark file exist, before any work: the error names the
+    CLI key to set (the data stage would find out only after the run directory exists)."""
+    from data.benchmarks import expected_path  # noqa: PLC0415 (imports tfds)
+
+    cli.check(config, "data.tokenizer_path", os.path.isfile,
+              "must be a local tokenizer file (tokenizer.json or a SentencePiece model); "
+              "no such file")
+    for split in ("sft", "rl", "val", "test"):
+        name, path, part, start, count = config.data.benchmarks[split]
+        try:
+            want = expected_path(name, jsonl_path=path, split=part)
+        except ValueError as err:
+            raise cli.ConfigError(f"config key 'data.benchmarks.{split}': {err}") from None
+        if not os.path.isfile(want):
+            raise cli.ConfigError(
+                f"config key 'data.benchmarks.{split}': no local file {want!r} for {name} "
+                f"split {part!r} (nothing is downloaded); pass "
+                f"--config.data.benchmarks.{split}={name},/path/to/file.jsonl,{part},{start},"
+                f"{count}")
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.run_dir = "runs/main"
     c.stage = "all"
+    # stages to run again although finished ('' or a comma list of --config.stage names);
+    # a training stage resumes from its last checkpoint (docs/real_scale.md, "Extending")
+    c.force = ""
     # device mesh of the SFT stages (models/sharding.py; -1 = the remaining devices):
     # FSDP over every device by default, which is no sharding on one device
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
@@ -266,6 +313,11 @@ def _check_block(key: str, build) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Reject out-of-range values before any work starts, naming the key."""
     selected_stages(config.stage)
+    forced = selected_stages(config.force) if config.get("force") else []
+    outside = [f for f in forced if f not in selected_stages(config.stage)]
+    if outside:
+        raise cli.ConfigError(f"config key 'force' = {config.force!r}: {outside} not among the "
+                              f"stages this run runs (--config.stage={config.stage})")
     cli.check(config, "run_dir", bool, "must be a directory path")
     cli.check(config, "seed", lambda v: isinstance(v, int) and v >= 0, "must be an int >= 0")
     for axis in ("data", "fsdp", "tensor"):
@@ -282,8 +334,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.source == "benchmarks" and not config.data.tokenizer_path:
         raise cli.ConfigError("config key 'data.tokenizer_path' must name a tokenizer.json "
                               "when data.source='benchmarks'")
+    if config.data.source == "benchmarks":
+        _check_local_files(config)
     if config.model.source == "hf":
         cli.check(config, "model.hf_path", bool, "must name a local Hugging Face directory")
+        cli.check(config, "model.hf_path",
+                  lambda v: os.path.isfile(os.path.join(v, "config.json")),
+                  "must be a local Hugging Face directory with a config.json (nothing is "
+                  "downloaded); pass --config.model.hf_path=/path/to/Qwen3-0.6B")
         cli.check_choice(config, "model.dtype", tuple(DTYPES))
         cli.check_choice(config, "model.param_dtype", tuple(DTYPES))
     else:   # the architecture is checked now, not after the data stage

@@ -123,6 +123,8 @@ def test_pipeline_end_to_end(tmp_path, capsys):
         per_question.setdefault(r["uid"], set()).add(r["level"])
         # the level's own window ([0.3, 0.5) for 40: a ratio of exactly 0.3 is level 40)
         assert level_for_ratio(r["ratio"]) == r["level"], r
+    tok = run.tokenizer()
+    assert all(r["text"] == tok.decode(r["cot_ids"]) for r in rows[:50])
     assert all(levels == set(LEVELS) for levels in per_question.values())
     calib = rundir.read_jsonl(run.path("calibrate", "calibration.jsonl"))
     assert len(calib) == config.data.sizes.rl
@@ -144,6 +146,10 @@ def test_pipeline_end_to_end(tmp_path, capsys):
         assert 0 <= t["accuracy"] <= 1 and 0 <= t["valid"] <= 1 and t["n"] == 12
         assert np.isfinite(t["think_tokens"]) and t["think_tokens"] >= 0
     assert "| chrpo | <COMP_POLICY> |" in out
+    answered = rundir.read_jsonl(run.path("evaluate", "responses.jsonl"))
+    assert all(isinstance(r["response"], str) and "answer" in r for r in answered)
+    assert sum(bool(r["response"]) for r in answered) > len(answered) / 2
+    assert all("</think>" in r["response"] for r in answered if r["valid"])
     for method, profile in result["difficulty"].items():   # per difficulty, every question once
         assert sum(p["n"] for p in profile) == 12, method
     assert result["policy_difficulty"] == result["difficulty"]["chrpo"]
@@ -172,3 +178,63 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     pipeline.run_stages(parse(f"--config.run_dir={run_dir}", "--config.stage=rl"))
     for a, b in zip(first, params(rundir.load_model(run.path("rl")))):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """Every stage replaced by one that records its call: run_stages's own logic only."""
+    calls = []
+
+    def fake(name):
+        def fn(config, run):
+            calls.append(name)
+            run.stage_dir(name)           # as every real stage does first
+            return {"fake": True}
+        return fn
+    names = pipeline_blocks.STAGE_ORDER + pipeline_blocks.EXTRA_STAGES
+    monkeypatch.setattr(pipeline, "stage_functions", lambda: {n: fake(n) for n in names})
+    return calls
+
+
+def test_keys_of_unstarted_stages_may_change_on_resume(tmp_path, fake_stages, capsys):
+    run_dir = f"--config.run_dir={tmp_path / 'run'}"
+    first = ("--config.stage=data,sft_base,compressor", run_dir)
+    pipeline.run_stages(parse(*first))
+    # RL and the warm start have not started: their keys may change, and the rl block's
+    # with them; the mixed-ratio SFT's too
+    pipeline.run_stages(parse(*first, "--config.rl.steps=7", "--config.rl.budget=0.3",
+                              "--config.sft_mixed.steps=9"))
+    # started stages' keys, and global ones, stay locked, named in the error
+    for key in ("sft_base.steps=3", "compressor_baseline.train.steps=3",
+                "compressor.data.num_eval=5", "model.hidden_size=48", "seed=3"):
+        name = key.split("=")[0].replace(".", r"\.")
+        with pytest.raises(cli.ConfigError, match=rf"cannot change on resume:(\n  .*)*\n  {name}:"):
+            pipeline.run_stages(parse(*first, "--config.rl.steps=7", "--config.rl.budget=0.3",
+                                      "--config.sft_mixed.steps=9", f"--config.{key}"))
+    assert fake_stages == ["data", "sft_base", "compressor"]
+    # once the warm start has begun, rl.budget (its targets) is locked too
+    os.makedirs(tmp_path / "run" / "sft_policy")
+    with pytest.raises(cli.ConfigError, match=r"cannot change on resume:\n  rl\.budget:"):
+        pipeline.run_stages(parse(*first, "--config.rl.steps=7", "--config.rl.budget=0.45",
+                                  "--config.sft_mixed.steps=9"))
+
+
+def test_force_reruns_a_finished_stage_and_changed_settings_warn(tmp_path, fake_stages,
+                                                                   capsys):
+    run_dir = f"--config.run_dir={tmp_path / 'run'}"
+    pipeline.run_stages(parse("--config.stage=data,sft_base", run_dir))
+    capsys.readouterr()
+    pipeline.run_stages(parse("--config.stage=data,sft_base", "--config.force=sft_base",
+                              run_dir))
+    assert fake_stages == ["data", "sft_base", "sft_base"]
+    assert "sft_base: forced, running again" in capsys.readouterr().out
+    with pytest.raises(cli.ConfigError, match="not among the stages this run runs"):
+        parse("--config.stage=data", "--config.force=sft_base", run_dir)
+    # a finished evaluation whose settings change is skipped with a warning
+    os.makedirs(tmp_path / "run" / "evaluate")
+    rundir.Run(str(tmp_path / "run")).mark_done("evaluate", {"fake": True})
+    pipeline.run_stages(parse("--config.stage=data", "--config.evaluate.num_questions=5",
+                              run_dir))
+    out = capsys.readouterr().out
+    assert "warning: evaluate.num_questions changed" in out
+    assert "--config.force=evaluate" in out

@@ -8,6 +8,7 @@ from flax import nnx
 from data.arithmetic import ArithmeticConfig, generate_problems, tokenizer_corpus
 from data.tokenizers import load_tokenizer
 from experiments import cli, pipeline, rundir
+from experiments.configs import pipeline_blocks
 from models.hf import save_hf
 from models.qwen3 import Qwen3, Qwen3Config
 
@@ -16,12 +17,36 @@ CONFIGS = ("experiments/configs/qwen3_0p6b.py", "experiments/configs/qwen3_1p7b.
 
 
 @pytest.mark.parametrize("path", CONFIGS)
-def test_real_configs_build_and_validate(path):
-    config = cli.parse([f"--config={path}"])
+def test_real_configs_build_and_validate(path, stand_ins):
+    tok_path, hf_dir, _ = stand_ins
+    config = cli.parse([f"--config={path}", *local_files(tok_path, hf_dir)])
     assert config.model.source == "hf" and config.data.source == "benchmarks"
-    assert config.data.tokenizer_path.endswith("tokenizer.json")
     assert config.sft_mixed.optim.learning_rate == 2e-5 and config.sft_base.steps == 0
     assert config.rl.objective.estimator == "hierarchical"
+
+
+@pytest.mark.parametrize("drop, key", [
+    ("data.tokenizer_path", "data.tokenizer_path"), ("model.hf_path", "model.hf_path"),
+    ("data.benchmarks.rl", "data.benchmarks.rl"), ("data.benchmarks.test", "data.benchmarks.test")])
+def test_missing_local_files_are_named_by_their_cli_key_at_parse(drop, key, stand_ins,
+                                                                tmp_path):
+    tok_path, hf_dir, _ = stand_ins
+    args = [a for a in local_files(tok_path, hf_dir) if not a.startswith(f"--config.{drop}=")]
+    with pytest.raises(cli.ConfigError, match=rf"config key '{key}'.*(no such|no local|must)"):
+        cli.parse([f"--config={CONFIGS[0]}", f"--config.run_dir={tmp_path / 'run'}", *args])
+    assert not (tmp_path / "run").exists()
+
+
+def local_files(tok_path, hf_dir, counts=(3, 2, 2, 2)):
+    """The CLI flags that point a real config at the stand-ins and the fixture JSONL files."""
+    gsm8k = os.path.join(FIXTURES, "gsm8k_test.jsonl")
+    meta = os.path.join(FIXTURES, "metamathqa_train.jsonl")
+    sft, rl, val, test = counts
+    return [f"--config.model.hf_path={hf_dir}", f"--config.data.tokenizer_path={tok_path}",
+            f"--config.data.benchmarks.sft=metamathqa,{meta},train,0,{sft}",
+            f"--config.data.benchmarks.rl=gsm8k,{gsm8k},train,0,{rl}",
+            f"--config.data.benchmarks.val=gsm8k,{gsm8k},test,0,{val}",
+            f"--config.data.benchmarks.test=gsm8k,{gsm8k},test,{val},{test}"]
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +77,9 @@ def stand_ins(tmp_path_factory):
 
 def test_qwen3_config_runs_one_step_on_stand_ins(stand_ins, tmp_path):
     tok_path, hf_dir, hf_vocab = stand_ins
-    gsm8k = os.path.join(FIXTURES, "gsm8k_test.jsonl")
-    meta = os.path.join(FIXTURES, "metamathqa_train.jsonl")
     config = cli.parse([
         f"--config={CONFIGS[0]}", f"--config.run_dir={tmp_path / 'run'}",
-        "--config.stage=data,sft_base,selfcot",
-        f"--config.model.hf_path={hf_dir}", f"--config.data.tokenizer_path={tok_path}",
-        f"--config.data.benchmarks.sft=metamathqa,{meta},train,0,3",
-        f"--config.data.benchmarks.rl=gsm8k,{gsm8k},train,0,2",
-        f"--config.data.benchmarks.val=gsm8k,{gsm8k},test,0,2",
-        f"--config.data.benchmarks.test=gsm8k,{gsm8k},test,2,2",
+        "--config.stage=data,sft_base,selfcot", *local_files(tok_path, hf_dir),
         "--config.data.compressor_problems=4",
         "--config.model.dtype=float32", "--config.model.param_dtype=float32",
         "--config.sft_base.steps=1", "--config.sft_base.batch_tokens=1024",
@@ -79,3 +97,44 @@ def test_qwen3_config_runs_one_step_on_stand_ins(stand_ins, tmp_path):
     assert summaries["selfcot"]["questions"] == 2
     rows = rundir.read_jsonl(run.path("data", "rl.jsonl"))
     assert rows[0]["answer"] == "56" and rows[0]["difficulty"]["n_steps"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["tokenizer.json", "sentencepiece"])
+def test_smoke_preset_runs_every_stage_on_an_hf_checkpoint(kind, stand_ins, tmp_path, capsys):
+    """qwen3_0p6b.py:smoke, every stage, on a tiny Qwen3 checkpoint that transformers
+    wrote (tests/fixtures/qwen3/gqa_tied: vocabulary 128, grown to the tokenizer's) with
+    a byte-level BPE tokenizer.json or a SentencePiece model, and the fixture JSONL
+    files of GSM8K and MetaMathQA."""
+    tok_path, _, _ = stand_ins
+    hf_dir = os.path.join(os.path.dirname(__file__), "..", "fixtures", "qwen3", "gqa_tied")
+    if kind == "sentencepiece":
+        from data.tokenizers import train_sentencepiece
+        sp = train_sentencepiece(
+            tokenizer_corpus(generate_problems(0, 50, ArithmeticConfig(max_steps=2))),
+            vocab_size=400)
+        tok_path = str(tmp_path / "tok.model")
+        sp.save(tok_path)
+    config = cli.parse([f"--config={CONFIGS[0]}:smoke", f"--config.run_dir={tmp_path / 'run'}",
+                        *local_files(tok_path, hf_dir)])
+    pipeline.main(config)
+    run = rundir.Run(config.run_dir)
+    assert all(run.done(s) for s in pipeline_blocks.STAGE_ORDER)
+    want = "HFTokenizer" if kind == "tokenizer.json" else "SentencePieceTokenizer"
+    assert type(load_tokenizer(run.tokenizer_path())).__name__ == want
+    rows = rundir.read_jsonl(run.path("compress", "formula.jsonl"))
+    assert rows and all(r["level"] in (20, 40, 60, 80, 100) for r in rows)
+    methods = {r["method"] for r in rundir.read_jsonl(run.path("evaluate", "responses.jsonl"))}
+    assert methods == {"base", "extra-cot", "tokenskip", "policy-warm-start", "chrpo"}
+    assert "| chrpo | <COMP_POLICY> |" in capsys.readouterr().out
+    # the trained policy back to a Hugging Face directory (docs/real_scale.md): the same
+    # logits when it is read again
+    import jax.numpy as jnp
+    import numpy as np
+    from models.hf import load_hf
+    policy = rundir.load_model(run.path("rl"))
+    save_hf(policy, str(tmp_path / "export"))
+    again = load_hf(str(tmp_path / "export"))
+    ids = jnp.asarray([[1, 5, 9, 3, 7]])
+    np.testing.assert_array_equal(np.asarray(policy(ids)), np.asarray(again(ids)))
+    assert again.config.vocab_size == policy.config.vocab_size > 128

@@ -116,3 +116,16 @@ def test_pad_left_is_flush_right():
     ids, mask = pad_left([[5, 6], [7]], width=3, pad_id=0)
     np.testing.assert_array_equal(ids, [[0, 5, 6], [0, 0, 7]])
     np.testing.assert_array_equal(mask, [[False, True, True], [False, False, True]])
+
+
+def test_judged_rows_carry_the_answer_and_the_decoded_response(tok):
+    from data.formats import build_response
+    from experiments.rollouts import judge
+    ids = build_response(tok, tok.encode("3+4=7"), "\\boxed{7}", level=40)
+    garbage = [tok.vocab_size + 5, *tok.encode("after")]      # past <|im_end|>, out of vocab
+    row = judge(tok, ids + garbage, "7", expect_control=True).row()
+    assert row["correct"] and row["answer"] == "7" and row["level"] == 40
+    assert "3+4=7" in row["response"] and row["response"].endswith("<|im_end|>")
+    assert "after" not in row["response"]
+    empty = judge(tok, [], "7", expect_control=True).row()
+    assert empty["answer"] is None and empty["response"] == "" and not empty["valid"]
