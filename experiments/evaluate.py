@@ -32,8 +32,10 @@ written by process 0 only (every process computes the same rows).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 
 import ml_collections
@@ -41,7 +43,7 @@ import numpy as np
 
 import chrpo
 from data.formats import LEVELS, POLICY
-from experiments import calibrate, rundir, stats
+from experiments import calibrate, cli, rundir, stats
 from experiments.datasets import read_questions
 from experiments.rollouts import answer_questions, level_logprobs, place_model
 from models import sharding
@@ -209,46 +211,90 @@ def _plots(table: Sequence[dict], rows: Sequence[dict], out_dir: str, key: str) 
     return paths
 
 
+def _budget_levels(config, run: rundir.Run, model, tok, questions, *, budget: float
+                   ) -> tuple[list[int], dict]:
+    """chrpo-budget's level per question (``budget_decode_levels`` with this run's files)."""
+    val = read_questions(run.path("data", "val.jsonl"))
+    calib = rundir.read_jsonl(run.path("calibrate", "calibration.jsonl"))
+    if any(r["ref_len"] for r in calib):
+        costs, source = calibrate.level_costs(calib), "calibration"
+    else:       # no full-length answer was right: each level's nominal ratio
+        costs, source = np.asarray(LEVELS, np.float32) / 100, "nominal"
+        print("[evaluate] chrpo-budget: no calibration row has a reference length; "
+              "the level costs are their nominal ratios k / 100", flush=True)
+    levels, decode = budget_decode_levels(model, tok, val, questions, budget=budget,
+                                          costs=costs, batch_size=config.evaluate.batch_size)
+    decode["level_costs_from"] = source
+    print(f"[evaluate] chrpo-budget: B={budget:g}, mu={decode['multiplier']:.3g}, "
+          f"planned ratio {decode['val_planned_ratio']:.3f} on "
+          f"{decode['val_questions']} validation questions", flush=True)
+    return levels, decode
+
+
+def _fingerprint(config, run: rundir.Run, questions) -> str:
+    """What a finished method's answers depend on: the evaluation settings, the questions,
+    the RL budget and the models' stages (their done.json); a partial answer file made
+    under another fingerprint is never read."""
+    stages = sorted(set(METHOD_STAGES.values()))
+    done = {s: open(run.path(s, rundir.DONE_FILE)).read() if run.done(s) else None
+            for s in stages}
+    blob = json.dumps({"evaluate": cli.to_json_dict(config.evaluate),
+                       "budget": config.rl.get("budget") if "rl" in config else None,
+                       "uids": [q.uid for q in questions], "done": done}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def evaluate(config, run: rundir.Run, *, split: str = "test") -> dict:
     """Answer the held-out questions with every method; write the table and plots.
 
     ``split='val'`` (stage ``evaluate_val``) writes to ``evaluate_val/``: the split
-    for any choice that is tuned; the test split is only reported.
+    for any choice that is tuned; the test split is only reported. Each method's
+    answers are kept under ``partial/`` as soon as they are made, so a killed
+    evaluation resumes at the first method it had not finished (with the same
+    settings and models); the directory goes when the stage is done.
     """
     block, tok = config.evaluate, run.tokenizer()
     out_dir = run.stage_dir("evaluate" if split == "test" else f"evaluate_{split}")
     questions = read_questions(run.path("data", f"{split}.jsonl"))[:block.num_questions]
+    partial = os.path.join(out_dir, "partial", _fingerprint(config, run, questions))
+    os.makedirs(partial, exist_ok=True)
     rows, models, decode = [], {}, None       # one model in memory, on config.mesh
     mesh = sharding.mesh_from_config(config.get("mesh"))
     budget = config.rl.get("budget") if "rl" in config else None
-    for method, control in method_plan(block, budget=budget):
+    plan = method_plan(block, budget=budget)
+    files = [os.path.join(partial, f"{m}{_control_name(c)}.jsonl".replace("<", "_")
+                          .replace(">", "")) for m, c in plan]
+    before = {f for f in files if os.path.exists(f)}   # decided once: every process alike
+    for i, ((method, control), saved) in enumerate(zip(plan, files), start=1):
+        name = _control_name(control)
+        if saved in before:
+            rows += rundir.read_jsonl(saved)
+            if method == "chrpo-budget":
+                with open(saved + ".decode.json") as f:
+                    decode = json.load(f)
+            print(f"[evaluate] {i}/{len(plan)} {method} {name}: answered before the "
+                  "interruption, read back", flush=True)
+            continue
         stage = METHOD_STAGES[method]
         if stage not in models:
             models = {stage: place_model(rundir.load_model(run.path(stage)), mesh)}
-        max_new = block.max_new_tokens
         levels = None
         if method == "chrpo-budget":
-            val = read_questions(run.path("data", "val.jsonl"))
-            calib = rundir.read_jsonl(run.path("calibrate", "calibration.jsonl"))
-            if any(r["ref_len"] for r in calib):
-                costs, source = calibrate.level_costs(calib), "calibration"
-            else:       # no full-length answer was right: each level's nominal ratio
-                costs, source = np.asarray(LEVELS, np.float32) / 100, "nominal"
-                print("[evaluate] chrpo-budget: no calibration row has a reference length; "
-                      "the level costs are their nominal ratios k / 100", flush=True)
-            levels, decode = budget_decode_levels(models[stage], tok, val, questions,
-                                                  budget=budget, costs=costs,
-                                                  batch_size=block.batch_size)
-            decode["level_costs_from"] = source
-            print(f"[evaluate] chrpo-budget: B={budget:g}, mu={decode['multiplier']:.3g}, "
-                  f"planned ratio {decode['val_planned_ratio']:.3f} on "
-                  f"{decode['val_questions']} validation questions", flush=True)
+            levels, decode = _budget_levels(config, run, models[stage], tok, questions,
+                                            budget=budget)
         judged = answer_questions(models[stage], tok, questions, control=control,
-                                  batch_size=block.batch_size, max_new_tokens=max_new,
-                                  levels=levels)
-        for q, j in zip(questions, judged):
-            rows.append({"uid": q.uid, "method": method, "control": _control_name(control),
-                         "difficulty": q.difficulty, **j.row()})
+                                  batch_size=block.batch_size,
+                                  max_new_tokens=block.max_new_tokens, levels=levels)
+        got = [{"uid": q.uid, "method": method, "control": name, "difficulty": q.difficulty,
+                **j.row()} for q, j in zip(questions, judged)]
+        if sharding.is_main_process():
+            if method == "chrpo-budget":
+                with open(saved + ".decode.json", "w") as f:
+                    json.dump(rundir.strict_json(decode), f, allow_nan=False)
+        rundir.write_jsonl(saved, got)       # last: its presence means the method is done
+        rows += got
+        print(f"[evaluate] {i}/{len(plan)} {method} {name}: "
+              f"{100 * np.mean([r['correct'] for r in got]):.1f}% of {len(got)}", flush=True)
     rundir.write_jsonl(os.path.join(out_dir, "responses.jsonl"), rows)
     table = results_table(rows)
     profiles = {m: difficulty_profile(rows, method=m, key=block.difficulty_key)
@@ -256,6 +302,7 @@ def evaluate(config, run: rundir.Run, *, split: str = "test") -> dict:
     if sharding.is_main_process():
         _write_tables(out_dir, split, table, profiles, decode)
         _plots(table, rows, out_dir, block.difficulty_key)
+        shutil.rmtree(os.path.join(out_dir, "partial"), ignore_errors=True)
     return {"rows": len(table), "plots": list(PLOT_FILES)}
 
 

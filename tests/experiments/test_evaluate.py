@@ -1,4 +1,6 @@
 """Evaluation tables: accuracy, think tokens, ActRatio against the base model; plots."""
+import os
+
 import ml_collections
 import pytest
 
@@ -86,3 +88,52 @@ def test_plots_are_written(tmp_path):
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert len(paths) == 2
+
+
+def test_a_killed_evaluation_resumes_at_the_first_unfinished_method(tmp_path, monkeypatch,
+                                                                    small_tok):
+    from data.arithmetic import ArithmeticConfig, generate_problems
+    from experiments import cli, evaluate as ev, rundir
+    from experiments.datasets import question_row
+    from experiments.rollouts import Judged
+
+    run = rundir.Run(str(tmp_path / "run"))
+    rows = [question_row(p) for p in generate_problems(4, 5, ArithmeticConfig(max_steps=2))]
+    os.makedirs(run.path("data"))
+    rundir.write_jsonl(run.path("data", "test.jsonl"), rows)
+    monkeypatch.setattr(rundir.Run, "tokenizer", lambda self: small_tok)
+    monkeypatch.setattr(ev.rundir, "load_model", lambda path: path)
+    monkeypatch.setattr(ev, "place_model", lambda model, mesh: model)
+    calls, kill = [], {"at": None}
+
+    def answer(model, tok, questions, *, control, **kwargs):
+        if kill["at"] is not None and len(calls) == kill["at"]:
+            kill["at"] = None
+            raise KeyboardInterrupt          # the process dies inside this method
+        calls.append(control)
+        return [Judged(True, i % 2 == 0, None if control is None else 20, 10 + i, ())
+                for i in range(len(questions))]
+    monkeypatch.setattr(ev, "answer_questions", answer)
+
+    def config(*extra):
+        return cli.parse(["--config=experiments/configs/test.py",
+                          f"--config.run_dir={run.root}", *extra])
+    plan = [c for _, c in ev.method_plan(config().evaluate)]
+    kill["at"] = 3
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(config(), run)
+    assert calls == plan[:3]
+    # other settings: the partial answers are not theirs and are not read
+    ev.evaluate(config("--config.evaluate.num_questions=3"), run)
+    assert calls == plan[:3] + plan
+    assert len(rundir.read_jsonl(run.path("evaluate", "responses.jsonl"))) == 3 * len(plan)
+    assert not os.path.exists(run.path("evaluate", "partial"))   # gone once done
+    # killed in the 4th method, resumed there: methods 1-3 read back
+    calls.clear()
+    kill["at"] = 3
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(config(), run)
+    ev.evaluate(config(), run)
+    assert calls == plan[:3] + plan[3:]
+    got = rundir.read_jsonl(run.path("evaluate", "responses.jsonl"))
+    assert len(got) == 5 * len(plan) and {r["uid"] for r in got} == {r["uid"] for r in rows}
