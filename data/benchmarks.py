@@ -38,7 +38,9 @@ On several hosts, build once (one process) before everyone loads.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -282,7 +284,15 @@ def build_benchmark(name: str, *, jsonl_path: str | os.PathLike, data_dir: str |
     mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     if builder.is_prepared() and builder.info.metadata.get("source_sha256") != _sha256(path):
         mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    if mode == tfds.download.GenerateMode.FORCE_REDOWNLOAD or not builder.is_prepared():
+        print(f"[data] {name}/{split}: converting the local file {path} to array_record under "
+              f"{os.fspath(data_dir)} (nothing is downloaded)", flush=True)
+    # tfds prints "Downloading and preparing dataset ..." for any build and draws progress
+    # bars; here nothing is downloaded, so its stdout is dropped (errors still raise)
+    tfds.disable_progress_bar()
+    with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(download_mode=mode))
     return builder
 
 

@@ -157,7 +157,8 @@ def calibrate(config, run: rundir.Run) -> dict:
     model = place_model(rundir.load_model(run.path("sft_mixed")), mesh)
     by_level = {level: answer_questions(model, tok, questions, control=level,
                                         batch_size=block.batch_size,
-                                        max_new_tokens=block.max_new_tokens)
+                                        max_new_tokens=block.max_new_tokens,
+                                        desc=f"calibrate <COMP_{level}>")
                 for level in LEVELS}
     samples = block.get("samples", 0)
     hits = {level: np.array([j.correct for j in by_level[level]], np.float64) for level in LEVELS}
@@ -167,7 +168,8 @@ def calibrate(config, run: rundir.Run) -> dict:
             judged = answer_questions(model, tok, questions, control=level,
                                       batch_size=block.batch_size,
                                       max_new_tokens=block.max_new_tokens,
-                                      temperature=block.temperature, key=key)
+                                      temperature=block.temperature, key=key,
+                                      desc=f"calibrate <COMP_{level}> sample {s + 1}")
             hits[level] += [j.correct for j in judged]
     rows = []
     for i, q in enumerate(questions):

@@ -80,7 +80,7 @@ def selfcot(config, run: rundir.Run) -> dict:
     mesh = sharding.mesh_from_config(config.get("mesh"))     # docs/scaling.md
     model = place_model(rundir.load_model(run.path("sft_base")), mesh)
     judged = answer_questions(model, tok, questions, control=None, batch_size=block.batch_size,
-                              max_new_tokens=block.max_new_tokens)
+                              max_new_tokens=block.max_new_tokens, desc="selfcot")
     rows = [{"uid": q.uid, "cot_ids": list(j.cot_ids), "think_length": j.think_length,
              "source": "model"} for q, j in zip(questions, judged) if j.correct and j.cot_ids]
     correct = len(rows)

@@ -257,7 +257,8 @@ def evaluate(config, run: rundir.Run, *, split: str = "test") -> dict:
     out_dir = run.stage_dir("evaluate" if split == "test" else f"evaluate_{split}")
     questions = read_questions(run.path("data", f"{split}.jsonl"))[:block.num_questions]
     partial = os.path.join(out_dir, "partial", _fingerprint(config, run, questions))
-    os.makedirs(partial, exist_ok=True)
+    if sharding.is_main_process():        # process 0 writes (module docstring)
+        os.makedirs(partial, exist_ok=True)
     rows, models, decode = [], {}, None       # one model in memory, on config.mesh
     mesh = sharding.mesh_from_config(config.get("mesh"))
     budget = config.rl.get("budget") if "rl" in config else None
@@ -284,7 +285,8 @@ def evaluate(config, run: rundir.Run, *, split: str = "test") -> dict:
                                             budget=budget)
         judged = answer_questions(models[stage], tok, questions, control=control,
                                   batch_size=block.batch_size,
-                                  max_new_tokens=block.max_new_tokens, levels=levels)
+                                  max_new_tokens=block.max_new_tokens, levels=levels,
+                                  desc=f"evaluate {method} {name}")
         got = [{"uid": q.uid, "method": method, "control": name, "difficulty": q.difficulty,
                 **j.row()} for q, j in zip(questions, judged)]
         if sharding.is_main_process():

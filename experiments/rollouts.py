@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+import tqdm
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
@@ -88,8 +89,8 @@ def _mesh_of(state) -> Mesh | None:
 def generate_responses(model: Qwen3, prompts: Sequence[Sequence[int]], *, tokenizer: Tokenizer,
                        batch_size: int, max_new_tokens: int, temperature: float = 0.0,
                        key: jax.Array | None = None, prompt_bucket: int = 32,
-                       prompt_width: int | None = None, mesh: Mesh | None = None
-                       ) -> list[np.ndarray]:
+                       prompt_width: int | None = None, mesh: Mesh | None = None,
+                       desc: str | None = None) -> list[np.ndarray]:
     """Response ids of every prompt (through the stop token ``<|im_end|>`` when emitted).
 
     ``key`` is needed when ``temperature > 0``; batch b draws with ``fold_in(key, b)``.
@@ -97,7 +98,8 @@ def generate_responses(model: Qwen3, prompts: Sequence[Sequence[int]], *, tokeni
     rounded up to a multiple of ``prompt_bucket``). ``mesh``: decode with the rows
     of each batch (``batch_size`` rounded up to a multiple of
     ``sharding.batch_ways(mesh)``) split over the mesh; sampled (not greedy)
-    draws then depend on that row count.
+    draws then depend on that row count. ``desc``: a progress bar over the prompts
+    (process 0, when there is more than one batch).
     """
     if not prompts:
         return []
@@ -112,6 +114,9 @@ def generate_responses(model: Qwen3, prompts: Sequence[Sequence[int]], *, tokeni
         state = _on_mesh(state, mesh)
     width = prompt_width or bucket_width(max(len(p) for p in prompts), prompt_bucket)
     out: list[np.ndarray] = []
+    bar = tqdm.tqdm(total=len(prompts), desc=desc, unit="q", leave=False,
+                    disable=desc is None or len(prompts) <= batch_size
+                    or not sharding.is_main_process())
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = [list(p) for p in prompts[start:start + batch_size]]
         real = len(chunk)
@@ -125,6 +130,8 @@ def generate_responses(model: Qwen3, prompts: Sequence[Sequence[int]], *, tokeni
                           key=None if key is None else jax.random.fold_in(key, b))
         tokens, lengths = sharding.to_host((result.tokens, result.lengths))
         out.extend(tokens[r, :lengths[r]].copy() for r in range(real))
+        bar.update(real)
+    bar.close()
     return out
 
 
@@ -149,15 +156,15 @@ def _through_stop(tokenizer: Tokenizer, response: Sequence[int]) -> list[int]:
 def answer_questions(model: Qwen3, tokenizer: Tokenizer, questions: Sequence[Question], *,
                      control: Control, batch_size: int, max_new_tokens: int,
                      temperature: float = 0.0, key: jax.Array | None = None,
-                     mesh: Mesh | None = None,
-                     levels: Sequence[int] | None = None) -> list[Judged]:
+                     mesh: Mesh | None = None, levels: Sequence[int] | None = None,
+                     desc: str | None = None) -> list[Judged]:
     """Greedy (or sampled) answers to ``questions`` in one mode, judged.
 
     ``control``: None (base mode), a level (``<COMP_xx>`` prompts, the response
     must start with a control token) or ``'policy'``. ``levels`` (policy mode
     only): one level per question that opens its response (``<COMP_level>`` is
-    forced, the rest decoded), as the RL stage's forced rollouts are. ``mesh``:
-    see :func:`generate_responses`.
+    forced, the rest decoded), as the RL stage's forced rollouts are. ``mesh`` and
+    ``desc`` (a progress bar): see :func:`generate_responses`.
     """
     prompts = [build_prompt(tokenizer, q.question, control=control) for q in questions]
     forced: list[list[int]] = [[] for _ in questions]
@@ -173,7 +180,7 @@ def answer_questions(model: Qwen3, tokenizer: Tokenizer, questions: Sequence[Que
     responses = generate_responses(model, [p + f for p, f in zip(prompts, forced)],
                                    tokenizer=tokenizer, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, temperature=temperature,
-                                   key=key, mesh=mesh)
+                                   key=key, mesh=mesh, desc=desc)
     return [judge(tokenizer, np.concatenate([np.asarray(f, np.int32), r]), q.answer,
                   expect_control=control is not None)
             for f, r, q in zip(forced, responses, questions)]

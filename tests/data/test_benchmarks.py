@@ -160,3 +160,13 @@ def test_bad_names():
         B.expected_path("gsm9k", jsonl_path=".", split="test")
     with pytest.raises(ValueError, match=r"split for math500 must be one of \('test',\)"):
         B.expected_path("math500", jsonl_path=".", split="train")
+
+
+def test_a_local_build_says_what_it_does_and_no_download(tmp_path, capsys):
+    B.build_benchmark("gsm8k", jsonl_path=FIXTURES / "gsm8k_test.jsonl", data_dir=tmp_path,
+                      split="test")
+    out = capsys.readouterr().out
+    assert "Downloading" not in out and "nothing is downloaded" in out
+    B.build_benchmark("gsm8k", jsonl_path=FIXTURES / "gsm8k_test.jsonl", data_dir=tmp_path,
+                      split="test")                           # reused: silent
+    assert capsys.readouterr().out == ""
