@@ -59,7 +59,8 @@ METHOD_STAGES = {"base": "sft_base", "extra-cot": "sft_mixed", "tokenskip": "sft
 def method_plan(block: ml_collections.ConfigDict, *, budget: float | None = None
                 ) -> list[tuple[str, object]]:
     """(method, control) pairs to evaluate, in table order; 'chrpo-budget' comes with
-    'chrpo' when there is a ``budget`` (the RL stage's ``rl.budget``)."""
+    'chrpo' when there is a ``budget`` (the RL stage's ``rl.budget``) unless
+    ``block.budget_decode`` is False."""
     plan: list[tuple[str, object]] = [("base", None)]
     plan += [("extra-cot", level) for level in block.levels]
     plan += [("tokenskip", level) for level in block.tokenskip_levels]
@@ -67,7 +68,7 @@ def method_plan(block: ml_collections.ConfigDict, *, budget: float | None = None
     if budget is not None:
         plan.append(("chrpo-budget", POLICY))
     methods = set(block.get("methods", tuple(METHOD_STAGES)))
-    if "chrpo" in methods:
+    if "chrpo" in methods and block.get("budget_decode", True):
         methods.add("chrpo-budget")
     return [(m, c) for m, c in plan if m in methods]
 

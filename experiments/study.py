@@ -91,6 +91,8 @@ def sweep_config(config: ml_collections.ConfigDict, seed: int, run_dir: str, *,
     # the warm start is the same for every method at a budget: answered in CHRPO's run only
     c.evaluate.methods = ("base", "chrpo") if method not in (None, "chrpo") else (
         "base", "policy-warm-start", "chrpo")
+    # the budget decode is CHRPO's (a peer's policy is answered as it is)
+    c.evaluate.budget_decode = method in (None, "chrpo")
     if method is not None:
         spec = SWEEP_METHODS[method]
         flat = chrpo.get_preset(spec["objective"], **spec["overrides"]).as_flat_dict()

@@ -65,14 +65,14 @@ def seed_tables(seed: int, rows: Sequence[dict], *, difficulty_key: str = "n_ste
 
 def sweep_rows(method: str, rows: Sequence[dict], *, warm_start: bool) -> list[dict]:
     """A sweep run's verdicts relabelled: its RL policy as ``method``, its base rows kept
-    (the ActRatio reference), its warm start only where ``warm_start``, and the
-    budget decode of CHRPO's policy ('chrpo-budget', only CHRPO's runs have it)."""
+    (the ActRatio reference), its warm start only where ``warm_start``, and, in
+    CHRPO's runs, the budget decode of its policy ('chrpo-budget')."""
     out = []
     for r in rows:
         if r["method"] == "chrpo":
             out.append({**r, "method": method})
-        elif r["method"] in ("base", "chrpo-budget") or (
-                warm_start and r["method"] == "policy-warm-start"):
+        elif r["method"] == "base" or (warm_start and r["method"] == "policy-warm-start") or (
+                method == "chrpo" and r["method"] == "chrpo-budget"):
             out.append(r)
     return out
 

@@ -281,7 +281,9 @@ def base_config() -> ml_collections.ConfigDict:
         "num_questions": 1000, "batch_size": 250, "max_new_tokens": 320,
         "levels": LEVELS, "tokenskip_levels": LEVELS, "difficulty_key": "n_steps",
         # the methods to answer with (experiments.evaluate.METHOD_STAGES); 'base' always
-        "methods": ("base", "extra-cot", "tokenskip", "policy-warm-start", "chrpo")})
+        "methods": ("base", "extra-cot", "tokenskip", "policy-warm-start", "chrpo"),
+        # with rl.budget set, 'chrpo' also answers decoded under the budget ('chrpo-budget')
+        "budget_decode": True})
     return c
 
 
@@ -400,6 +402,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     cli.check(config, "evaluate.methods",
               lambda v: "base" in v and all(m in methods for m in v),
               f"must hold 'base' and names among {methods}")
+    cli.check(config, "evaluate.budget_decode", lambda v: isinstance(v, bool),
+              "must be true or false")
 
 
 def _validate_rl(config: ml_collections.ConfigDict) -> None:

@@ -101,3 +101,5 @@ def test_chrpo_budget_comes_with_chrpo_when_a_budget_is_set():
     assert method_plan(block, budget=0.3)[-1] == ("chrpo-budget", "policy")
     block.methods = ("base", "policy-warm-start")
     assert all(m != "chrpo-budget" for m, _ in method_plan(block, budget=0.3))
+    block.methods, block.budget_decode = ("base", "chrpo"), False   # a peer's sweep run
+    assert method_plan(block, budget=0.3) == [("base", None), ("chrpo", "policy")]

@@ -242,6 +242,7 @@ def test_link_stages_and_sweep_config(tmp_path):
     ours = study.sweep_config(c, 1, str(tmp_path / "y"), budget=0.3, method="chrpo", stage="rl")
     assert ours.rl.objective.global_mode == "advantage" and ours.rl.objective.bonus_shape == "peak"
     assert ours.rl.objective.estimator == "hierarchical"
+    assert ours.evaluate.budget_decode and not one.evaluate.budget_decode
     from experiments.configs import pipeline_blocks
     pipeline_blocks.validate(ours)
     pipeline_blocks.validate(one)
