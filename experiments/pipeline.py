@@ -20,9 +20,12 @@ Stages, in order (docs/design.md, data flow of the main job)::
 A stage whose ``<stage>/done.json`` exists is skipped, so a re-run resumes where
 the last one stopped (training stages also resume from their checkpoints);
 ``--config.force=evaluate`` (or a comma list) runs finished stages again. A
-resumed run may change the keys of every stage block that no started stage has
-read (``--config.rl.steps=40`` before RL began), ``evaluate.*`` and the logging
-intervals; any other change is refused, naming the keys. An allowed change that
+resumed run may change every key that no started stage has read
+(``--config.rl.steps=40`` before RL began; ``pipeline_blocks.changeable``),
+``evaluate.*`` and the logging intervals, and the step count of a forced training
+stage, which then continues from its last checkpoint
+(``--config.force=rl --config.rl.steps=40``); any other change is refused,
+naming the keys. An allowed change that
 a finished stage did not see (``evaluate.num_questions`` after the evaluation)
 is printed as a warning naming the stage to force.
 ``--config.stage=rl`` (or a comma list) runs only the named stages;
@@ -54,9 +57,10 @@ __all__ = ["stage_functions", "stage_inputs", "check_inputs", "run_stages", "mai
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "experiments/configs/default.py"
-RESUMABLE = ("stage", "force", "*.log_every", "*.checkpoint_every", "evaluate.*")
-"""Keys that may change in any run directory; a stage block's keys may also change until
-a stage that reads the block has started (``pipeline_blocks.unstarted_blocks``)."""
+RESUMABLE = ("stage", "force", "run_dir", "*.log_every", "*.checkpoint_every", "evaluate.*")
+"""Keys that may change in any run directory (``run_dir``: a directory moved or copied to
+branch off); a stage block's keys may also change until a stage that reads them has
+started (``pipeline_blocks.changeable``)."""
 
 
 def stage_functions() -> dict:
@@ -128,12 +132,12 @@ def run_stages(config: ml_collections.ConfigDict, *, only: Mapping | None = None
     os.makedirs(config.run_dir, exist_ok=True)
     run, functions = rundir.Run(config.run_dir), stage_functions()
     started = [s for s in STAGE_ORDER + EXTRA_STAGES if os.path.lexists(run.path(s))]
-    free = [f"{b}.*" for b in pipeline_blocks.unstarted_blocks(started)]
     changes = cli.config_changes(config, config.run_dir)
-    cli.write_run_config(config, config.run_dir, resumable=RESUMABLE + tuple(free),
+    free = tuple(k for k, _, _ in changes if pipeline_blocks.changeable(k, started, forced))
+    cli.write_run_config(config, config.run_dir, resumable=RESUMABLE + free,
                          defaults=pipeline_blocks.base_config())       # process 0 writes
     for key, old, new in changes:     # allowed, but a finished stage does not see it
-        stale = [s for s in pipeline_blocks.block_readers(key.split(".")[0])
+        stale = [s for s in pipeline_blocks.key_readers(key)
                  if run.done(s) and s not in forced]
         if stale and not key.endswith(("log_every", "checkpoint_every")):
             say(f"warning: {key} changed ({old} -> {new}) but stage(s) {stale} finished "

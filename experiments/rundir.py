@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -173,7 +174,13 @@ def export_model(model: Qwen3, stage_dir: str) -> None:
     """Write the parameters (Orbax; every process takes part) and the architecture
     (``<stage_dir>/model.json``, process 0 only) to ``<stage_dir>/model``."""
     params = nnx.split(model, nnx.Param, ...)[1]
-    with CheckpointManager(os.path.join(stage_dir, MODEL_DIR), max_to_keep=1) as manager:
+    target = os.path.join(stage_dir, MODEL_DIR)
+    # a stage run again (--config.force) replaces its model: Orbax keeps an existing step
+    if os.path.exists(target):
+        if sharding.is_main_process():
+            shutil.rmtree(target)
+        sharding.sync_processes(f"{target} cleared")
+    with CheckpointManager(target, max_to_keep=1) as manager:
         manager.save(0, params, force=True)
     if not sharding.is_main_process():
         return

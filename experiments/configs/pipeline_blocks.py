@@ -82,26 +82,39 @@ def selected_stages(stage: str, only: Mapping | None = None) -> list[str]:
     return [n for n in known if n in names]
 
 
-BLOCK_READERS = {"compressor": ("compressor", "data"), "compressor_baseline": ("compressor",),
-                 "rl": ("rl", "sft_policy")}
-"""The stages that read each stage block of the config where that is more than the block's
-own stage: the data stage writes the compressor's held-out problems, the compressor stage
-trains both compressors, the warm start's targets follow ``rl.budget``."""
+READERS = {"compressor": ("compressor", "data"), "compressor_baseline": ("compressor",),
+           "rl.budget": ("rl", "sft_policy", "evaluate"),
+           "rl.budget_targets": ("rl", "sft_policy"),
+           "rl.allocation_buckets": ("rl", "sft_policy")}
+"""The stages that read a config block or key where that is more than the block's own
+stage (the longest matching prefix wins): the data stage writes the compressor's
+held-out problems, the compressor stage trains both compressors, the warm start's
+targets follow the budget, and a budget adds the budget decode to the evaluation."""
+
+TRAINING_STAGES = ("sft_base", "sft_mixed", "sft_policy", "rl", "sft_tokenskip")
 
 
-def block_readers(block: str) -> tuple[str, ...]:
-    """The stages whose work depends on config block ``block`` (() for a global block such
-    as ``model`` or ``seed``, which every stage reads)."""
-    if block in BLOCK_READERS:
-        return BLOCK_READERS[block]
-    return (block,) if block in STAGE_ORDER + EXTRA_STAGES else ()
+def key_readers(key: str) -> tuple[str, ...]:
+    """The stages whose work depends on the dotted config ``key`` (() for a global key
+    such as ``model.*`` or ``seed``, which every stage reads)."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in READERS:
+            return READERS[prefix]
+    return (parts[0],) if parts[0] in STAGE_ORDER + EXTRA_STAGES else ()
 
 
-def unstarted_blocks(started: Sequence[str]) -> list[str]:
-    """Config blocks that no started stage has read: their keys may still change in a run
-    directory where only the ``started`` stages have begun (experiments/pipeline.py)."""
-    blocks = dict.fromkeys((*STAGE_ORDER, *BLOCK_READERS))
-    return [b for b in blocks if block_readers(b) and not set(block_readers(b)) & set(started)]
+def changeable(key: str, started: Sequence[str], forced: Sequence[str] = ()) -> bool:
+    """May ``key`` change in a run directory where the ``started`` stages have begun?
+    Yes when no started stage read it, and for the step count of a training stage that
+    is ``forced`` (it is extended from its last checkpoint: experiments/pipeline.py)."""
+    readers = key_readers(key)
+    if readers and not set(readers) & set(started):
+        return True
+    stage = key.split(".")[0]
+    return stage in TRAINING_STAGES and stage in forced and key in (
+        f"{stage}.steps", f"{stage}.optim.total_steps")
 
 
 def _check_local_files(config: ml_collections.ConfigDict) -> None:
@@ -132,7 +145,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.run_dir = "runs/main"
     c.stage = "all"
     # stages to run again although finished ('' or a comma list of --config.stage names);
-    # a training stage resumes from its last checkpoint (docs/real_scale.md, "Extending")
+    # a training stage resumes from its last checkpoint and may get more steps
+    # (docs/real_scale.md, "Resuming, extending, forcing")
     c.force = ""
     # device mesh of the SFT stages (models/sharding.py; -1 = the remaining devices):
     # FSDP over every device by default, which is no sharding on one device

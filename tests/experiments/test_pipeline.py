@@ -179,6 +179,24 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     for a, b in zip(first, params(rundir.load_model(run.path("rl")))):
         np.testing.assert_array_equal(a, b)
 
+    # extending the finished RL by one step equals a run that asked for it from the
+    # start (RL's schedule is constant; step k's prompts and key are functions of k),
+    # and its model replaces the old export
+    longer = str(tmp_path / "longer")
+    shutil.copytree(run_dir, longer, symlinks=True)
+    shutil.rmtree(os.path.join(longer, "rl"))
+    more = f"--config.rl.steps={config.rl.steps + 1}"
+    pipeline.run_stages(parse(f"--config.run_dir={longer}", "--config.stage=rl", more))
+    pipeline.run_stages(parse(f"--config.run_dir={run_dir}", "--config.stage=rl", more,
+                              "--config.force=rl"))
+    extended = params(rundir.load_model(run.path("rl")))
+    fresh = params(rundir.load_model(os.path.join(longer, "rl")))
+    assert any(not np.array_equal(a, b) for a, b in zip(first, fresh))
+    for b, c in zip(extended, fresh):
+        np.testing.assert_array_equal(b, c)
+    records = [json.loads(line) for line in open(run.path("rl", "metrics.jsonl"))]
+    assert [r["step"] for r in records][-1] == config.rl.steps + 1
+
 
 @pytest.fixture
 def fake_stages(monkeypatch):
@@ -212,11 +230,18 @@ def test_keys_of_unstarted_stages_may_change_on_resume(tmp_path, fake_stages, ca
             pipeline.run_stages(parse(*first, "--config.rl.steps=7", "--config.rl.budget=0.3",
                                       "--config.sft_mixed.steps=9", f"--config.{key}"))
     assert fake_stages == ["data", "sft_base", "compressor"]
-    # once the warm start has begun, rl.budget (its targets) is locked too
+    # once the warm start has begun, rl.budget (its targets) is locked, rl.steps is not
     os.makedirs(tmp_path / "run" / "sft_policy")
     with pytest.raises(cli.ConfigError, match=r"cannot change on resume:\n  rl\.budget:"):
         pipeline.run_stages(parse(*first, "--config.rl.steps=7", "--config.rl.budget=0.45",
                                   "--config.sft_mixed.steps=9"))
+    pipeline.run_stages(parse(*first, "--config.rl.steps=8", "--config.rl.budget=0.3",
+                              "--config.sft_mixed.steps=9"))
+    # a forced training stage may get more steps (it continues from its checkpoint)
+    pipeline.run_stages(parse(*first, "--config.rl.steps=8", "--config.rl.budget=0.3",
+                              "--config.sft_mixed.steps=9", "--config.sft_base.steps=20",
+                              "--config.force=sft_base"))
+    assert fake_stages == ["data", "sft_base", "compressor", "sft_base"]
 
 
 def test_force_reruns_a_finished_stage_and_changed_settings_warn(tmp_path, fake_stages,
