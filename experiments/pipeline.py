@@ -25,9 +25,9 @@ resumed run may change every key that no started stage has read
 ``evaluate.*`` and the logging intervals, and the step count of a forced training
 stage, which then continues from its last checkpoint
 (``--config.force=rl --config.rl.steps=40``); any other change is refused,
-naming the keys. An allowed change that
-a finished stage did not see (``evaluate.num_questions`` after the evaluation)
-is printed as a warning naming the stage to force.
+naming the keys. An allowed change that a finished stage did not see
+(``evaluate.num_questions`` after the evaluation) is printed as a warning
+naming the stage to force.
 ``--config.stage=rl`` (or a comma list) runs only the named stages;
 ``--config.stage=evaluate_val`` evaluates on the validation split (for tuning).
 A stage whose inputs are missing (``stage_inputs``) stops before any work with
