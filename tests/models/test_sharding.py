@@ -168,7 +168,10 @@ def test_activation_and_kv_bytes_by_hand():
     assert math.isclose(shm.MemoryEstimate(*[2**30] * 6).total / 2**30, 6.0)
 
 
-def test_scale_configs_resolve_and_estimate_by_hand():
+def test_scale_configs_resolve_and_estimate_by_hand(monkeypatch):
+    # sizes only: the local checkpoint and data files are not needed here
+    from experiments.configs import pipeline_blocks
+    monkeypatch.setattr(pipeline_blocks, "_check_local_files", lambda config: None)
     from experiments import cli
     from experiments.configs import scale_common
     files = {"v5p-8": "scale_v5p8", "v4-32": "scale_v4_32", "8xh100": "scale_8xh100"}
