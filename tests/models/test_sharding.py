@@ -172,6 +172,7 @@ def test_scale_configs_resolve_and_estimate_by_hand(monkeypatch):
     # sizes only: the local checkpoint and data files are not needed here
     from experiments.configs import pipeline_blocks
     monkeypatch.setattr(pipeline_blocks, "_check_local_files", lambda config: None)
+    monkeypatch.setattr(pipeline_blocks.os.path, "isfile", lambda path: True)
     from experiments import cli
     from experiments.configs import scale_common
     files = {"v5p-8": "scale_v5p8", "v4-32": "scale_v4_32", "8xh100": "scale_8xh100"}
