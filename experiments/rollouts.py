@@ -136,14 +136,15 @@ def generate_responses(model: Qwen3, prompts: Sequence[Sequence[int]], *, tokeni
 
 
 def judge(tokenizer: Tokenizer, response: Sequence[int], gold: str, *,
-          expect_control: bool) -> Judged:
-    """Parse one response and check its answer against ``gold``."""
+          expect_control: bool, with_text: bool = True) -> Judged:
+    """Parse one response and check its answer against ``gold``; ``with_text``: keep the
+    decoded response (the RL rollouts, which never write it, skip the decode)."""
     parsed = parse_response(tokenizer, response, expect_control=expect_control)
     correct = bool(parsed.valid and is_equivalent(parsed.answer, gold))
+    text = tokenizer.decode(_through_stop(tokenizer, response)) if with_text else ""
     return Judged(valid=bool(parsed.valid), correct=correct, level=parsed.level,
                   think_length=int(parsed.think_length), cot_ids=tuple(parsed.cot_ids),
-                  answer=parsed.answer, text=tokenizer.decode(_through_stop(tokenizer,
-                                                                            response)))
+                  answer=parsed.answer, text=text)
 
 
 def _through_stop(tokenizer: Tokenizer, response: Sequence[int]) -> list[int]:
@@ -271,7 +272,7 @@ def rollout_groups(model: Qwen3, tokenizer: Tokenizer, questions: Sequence[Quest
     for r, c in enumerate(completions):
         completion_ids[r, :len(c)], completion_mask[r, :len(c)] = c, True
     prompt_ids, prompt_mask = pad_left(prompts, width=prompt_width, pad_id=tokenizer.pad_id)
-    judged = [judge(tokenizer, c, questions[g].answer, expect_control=True)
+    judged = [judge(tokenizer, c, questions[g].answer, expect_control=True, with_text=False)
               for c, g in zip(completions, groups)]
     return RolloutGroups(prompt_ids, prompt_mask, completion_ids, completion_mask,
                          np.asarray(groups, np.int32), np.asarray(local, np.int32), judged)
