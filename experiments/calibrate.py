@@ -144,7 +144,7 @@ def policy_targets(config, rows: list[Mapping]) -> list[int | None]:
     rl = config.rl
     if rl.budget is None or rl.get("budget_targets", "calibration") == "calibration":
         return [r["target"] for r in rows]
-    return budget_targets(rows, rl.budget, two_sided=rl.get("budget_two_sided", True),
+    return budget_targets(rows, rl.budget, two_sided=rl.get("budget_two_sided", False),
                           buckets=rl.get("allocation_buckets", 0))[0]
 
 
