@@ -175,11 +175,12 @@ def export_model(model: Qwen3, stage_dir: str) -> None:
     (``<stage_dir>/model.json``, process 0 only) to ``<stage_dir>/model``."""
     params = nnx.split(model, nnx.Param, ...)[1]
     target = os.path.join(stage_dir, MODEL_DIR)
-    # a stage run again (--config.force) replaces its model: Orbax keeps an existing step
-    if os.path.exists(target):
-        if sharding.is_main_process():
-            shutil.rmtree(target)
-        sharding.sync_processes(f"{target} cleared")
+    # a stage run again (--config.force) replaces its model: Orbax keeps an existing step.
+    # Every process meets at the barrier whether or not there was one to clear (a check
+    # per process would race with process 0 creating the directory)
+    if sharding.is_main_process() and os.path.exists(target):
+        shutil.rmtree(target)
+    sharding.sync_processes(f"{target} cleared")
     with CheckpointManager(target, max_to_keep=1) as manager:
         manager.save(0, params, force=True)
     if not sharding.is_main_process():
