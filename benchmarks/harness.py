@@ -59,7 +59,7 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 # The optimiser of every train-step benchmark: AdamW, constant learning rate,
-# global-norm clip 1, no weight decay (models.training.make_optimizer keys; the
+# global-norm clip 1, no weight decay (models.optim.make_optimizer keys; the
 # torch side builds torch.optim.AdamW + clip_grad_norm_ from the same values).
 OPTIMIZER: dict[str, Any] = dict(learning_rate=1e-5, schedule="constant", warmup=0,
                                  total_steps=10**6, weight_decay=0.0, b1=0.9, b2=0.999,

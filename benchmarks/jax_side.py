@@ -18,7 +18,8 @@ from flax import nnx
 from benchmarks.harness import OPTIMIZER, compiled_memory, size_config
 from models.hf import load_hf, save_hf
 from models.qwen3 import Qwen3, Qwen3Config
-from models.training import create_train_state, make_optimizer, make_train_step
+from models.optim import make_optimizer
+from models.training import create_train_state, make_train_step
 
 
 def model_config(size: str, **overrides: Any) -> Qwen3Config:

@@ -55,13 +55,14 @@ from data.formats import LEVELS, build_prompt
 from experiments import rundir
 from experiments.calibrate import policy_targets
 from experiments.datasets import bucket_width, read_questions
-from experiments.metrics import MetricWriter, Progress, Timer
+from models.metrics import MetricWriter, Progress, Timer
 from experiments.rollouts import RolloutGroups, rollout_groups
 from models import sharding, sharding_memory
 from models.checkpoint import CheckpointManager, abstract_tree
 from models.sampling import completion_logprobs, score
-from models.training import (check_finite_updates, create_train_state, make_optimizer,
-                             make_train_step, merge_model, require_applied_updates)
+from models.optim import make_optimizer
+from models.training import (check_finite_updates, create_train_state, make_train_step,
+                             merge_model, require_applied_updates)
 
 __all__ = ["chrpo_config", "prompt_order", "reward_inputs", "make_rl_loss", "pad_minibatch",
            "plot_budget_trace", "rl", "STAGES"]

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,15 +34,14 @@ import ml_collections
 from flax import nnx
 
 from data.tokenizers import Tokenizer, load_tokenizer
-from models import sharding
-from models.checkpoint import CheckpointManager, local_target
+from models import model_dir, sharding
 from models.qwen3 import Qwen3, Qwen3Config
 
 __all__ = ["DONE_FILE", "Run", "strict_json", "model_config", "build_model", "export_model", "load_model",
            "read_jsonl", "write_jsonl", "run_stage"]
 
 DONE_FILE = "done.json"
-MODEL_DIR = "model"
+MODEL_FILE = "model.json"   # the architecture beside <stage_dir>/model
 
 
 class Run:
@@ -171,40 +169,17 @@ def grow_vocab(model: Qwen3, vocab_size: int, *, seed: int) -> Qwen3:
 
 
 def export_model(model: Qwen3, stage_dir: str) -> None:
-    """Write the parameters (Orbax; every process takes part) and the architecture
-    (``<stage_dir>/model.json``, process 0 only) to ``<stage_dir>/model``."""
-    params = nnx.split(model, nnx.Param, ...)[1]
-    target = os.path.join(stage_dir, MODEL_DIR)
-    # a stage run again (--config.force) replaces its model: Orbax keeps an existing step.
-    # Every process meets at the barrier whether or not there was one to clear (a check
-    # per process would race with process 0 creating the directory)
-    if sharding.is_main_process() and os.path.exists(target):
-        shutil.rmtree(target)
-    sharding.sync_processes(f"{target} cleared")
-    with CheckpointManager(target, max_to_keep=1) as manager:
-        manager.save(0, params, force=True)
-    if not sharding.is_main_process():
-        return
-    with open(os.path.join(stage_dir, MODEL_DIR + ".json"), "w") as f:
-        json.dump(dataclasses.asdict(model.config), f, indent=2, sort_keys=True)
+    """Write the decoder to ``<stage_dir>/model`` and its architecture to
+    ``<stage_dir>/model.json`` (``models.model_dir.save_model``)."""
+    model_dir.save_model(model, stage_dir, description=dataclasses.asdict(model.config),
+                         description_file=MODEL_FILE)
 
 
 def load_model(stage_dir: str) -> Qwen3:
     """The decoder exported by :func:`export_model`."""
-    path = os.path.join(stage_dir, MODEL_DIR)
-    if not os.path.exists(path + ".json"):
-        raise FileNotFoundError(f"no exported model in {stage_dir}")
-    try:
-        with open(path + ".json") as f:
-            config = Qwen3Config(**json.load(f))
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}.json: not a model architecture this code wrote "
-                         f"({type(err).__name__}: {err})") from None
-    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0))),
-                                       nnx.Param, ...)
-    with CheckpointManager(path, max_to_keep=1) as manager:
-        _, params, _ = manager.restore(target=local_target(params))
-    return nnx.merge(graphdef, params, rest)
+    return model_dir.load_model(stage_dir, lambda arch: Qwen3(Qwen3Config(**arch),
+                                                              rngs=nnx.Rngs(0)),
+                                description_file=MODEL_FILE)[0]
 
 
 # ----------------------------------------------------------------------------- JSONL

@@ -16,16 +16,16 @@ Stages (each a recipe over ``train_sft``; the block of the same name configures 
 - ``sft_tokenskip``: the TokenSkip-style baseline: the same mixed-ratio recipe
   on the generic (surprisal) compressor's data.
 
-Optimiser: ``models.training.make_optimizer`` (AdamW, warmup + cosine, weight
-decay, global-norm clipping); Orbax checkpoints every ``checkpoint_every``
-steps; a re-run resumes from the latest one (batches are a pure function of
-(seed, step), so the resumed run is the same run).
+Optimiser: ``models.optim.make_optimizer`` (AdamW, warmup + cosine, weight
+decay, global-norm clipping; the exported model is the parameter EMA when
+``optim.ema_decay > 0``); the loop is ``models.loop.train_loop``: Orbax
+checkpoints every ``checkpoint_every`` steps, and a re-run resumes from the
+latest one (batches are a pure function of (seed, step), so the resumed run is
+the same run).
 """
 from __future__ import annotations
 
 import logging
-import os
-import time
 from collections.abc import Sequence
 
 import jax
@@ -38,12 +38,11 @@ from data.formats import (LEVELS, SFTExample, build_policy_example, build_sft_ex
 from experiments import rundir
 from experiments.calibrate import policy_targets
 from experiments.datasets import read_questions, sft_batch
-from experiments.metrics import MetricWriter, Progress
 from models import sharding, sharding_memory
-from models.checkpoint import CheckpointManager, abstract_tree
+from models.loop import train_loop
 from models.qwen3 import Qwen3
-from models.training import (check_finite_updates, create_train_state, make_optimizer,
-                             make_train_step, masked_lm_loss, merge_model,
+from models.optim import make_optimizer
+from models.training import (create_train_state, make_train_step, masked_lm_loss, merge_model,
                              require_applied_updates)
 
 __all__ = ["lm_loss", "train_sft", "sft_base", "sft_mixed", "sft_policy", "sft_tokenskip",
@@ -107,41 +106,23 @@ def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collection
                                         batch_size=rows, seq_len=block.max_length,
                                         num_microbatches=num_microbatches),
         mesh_shape=dict(device_mesh.shape)))
-    # two kept: a corrupted latest checkpoint falls back to the one before (docs/reliability.md)
-    manager = CheckpointManager(os.path.join(stage_dir, "checkpoints"), max_to_keep=2,
-                                save_interval_steps=block.checkpoint_every)
-    start = 0
-    if manager.latest_step() is not None:
-        start, state, _ = manager.restore(target=abstract_tree(state, shardings))
-        log.info("%s: resuming at step %d", name, start)
     batch_args = dict(seed=seed, batch_tokens=block.batch_tokens, bucket=block.bucket,
                       max_length=block.max_length)
-    t0, tokens, loss = time.perf_counter(), 0, float("nan")
-    try:
-        with MetricWriter(stage_dir, resume_step=start) as writer, \
-                Progress(block.steps, initial=start, desc=name) as bar:
-            for step in range(start, block.steps):
-                batch = pad_rows(sft_batch(examples, step=step, **batch_args), batch_rows)
-                state, metrics = step_fn(state, sharding.shard_batch(batch, device_mesh,
-                                                                     process_local=False))
-                tokens += int(batch["mask"].sum())
-                done = step + 1
-                if done % block.log_every == 0 or done == block.steps:
-                    loss = float(metrics["loss"])
-                    writer.write(done, {f"train/{k}": v for k, v in metrics.items()})
-                    bar.set_metrics({"loss": loss})
-                bar.update()
-                check_finite_updates(metrics, step=done, name=name,
-                                     max_consecutive=block.max_consecutive_skips)
-                manager.save(done, state)
-            manager.save(block.steps, state, force=True)
-    finally:
-        manager.close()  # commits the last started save, also when a step failed
-    require_applied_updates(state, name=name)
-    seconds = time.perf_counter() - t0
-    return merge_model(graphdef, state), {
-        "train_seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9),
-        "final_loss": loss, "examples": len(examples)}
+
+    def batch_fn(step: int):
+        batch = pad_rows(sft_batch(examples, step=step, **batch_args), batch_rows)
+        return (sharding.shard_batch(batch, device_mesh, process_local=False),
+                int(batch["mask"].sum()))
+
+    result = train_loop(state, step_fn, batch_fn, steps=block.steps, directory=stage_dir,
+                        checkpoint_every=block.checkpoint_every, log_every=block.log_every,
+                        shardings=shardings, desc=name, name=name,
+                        max_consecutive_skips=block.max_consecutive_skips)
+    require_applied_updates(result.state, name=name)
+    return merge_model(graphdef, result.state, average=True), {
+        "train_seconds": result.seconds,
+        "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
+        "final_loss": result.final_loss, "examples": len(examples)}
 
 
 def weighted_examples(tokenizer, examples: Sequence[SFTExample], weight: float

@@ -22,10 +22,8 @@ The compress API for other stages: :func:`load_compressor` gives a scorer;
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import time
 from collections.abc import Sequence
 
 import ml_collections
@@ -38,14 +36,14 @@ from data.compression import keep_mask_batch, unit_keep_mask
 from data.formats import SEP
 from data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
 from experiments import cli
-from experiments.metrics import MetricWriter, Progress
-from models import sharding
-from models.checkpoint import CheckpointManager, abstract_tree, local_target
+from models import model_dir, sharding
 from models.compressor import Scorer, keep_scorer, surprisal_scorer
 from models.encoder import TokenClassifier, ordinal_loss
+from models.loop import train_loop
+from models.metrics import MetricWriter
+from models.optim import make_optimizer
 from models.qwen3 import Qwen3, Qwen3Config
-from models.training import (create_train_state, make_optimizer, make_train_step,
-                             masked_lm_loss, merge_model)
+from models.training import create_train_state, make_train_step, masked_lm_loss, merge_model
 
 __all__ = ["GRADE_SUPPORTING", "GRADE_ESSENTIAL", "Example", "token_grades", "annotate",
            "ratio_metrics", "ratio_table", "macro_f1", "evaluate", "label_policy", "build_model",
@@ -281,65 +279,44 @@ def train(config: ml_collections.ConfigDict, model: nnx.Module, ids, grades, *,
     loss_fn = lm_loss if config.kind == "surprisal" else classifier_loss
     step_fn = sharding.jit_train_step(make_train_step(graphdef, loss_fn, optimizer,
                                                       schedule=schedule), shardings)
-    manager = CheckpointManager(os.path.join(run_dir, "checkpoints"), max_to_keep=2,
-                                save_interval_steps=tc.checkpoint_every)
-    start = 0
-    if manager.latest_step() is not None:
-        start, state, _ = manager.restore(target=abstract_tree(state, shardings))
-        log.info("resuming %s at step %d", run_dir, start)
-    t0, loss = time.perf_counter(), float("nan")
-    with MetricWriter(run_dir, resume_step=start) as writer, \
-            Progress(tc.steps, initial=start, desc=f"train {config.kind}") as bar:
-        for step in range(start, tc.steps):
-            batch = sample_batch(ids, grades, step=step, seed=config.seed,
-                                 batch_tokens=tc.batch_tokens, bucket=tc.bucket)
-            batch = sharding.pad_rows(batch, sharding.batch_ways(mesh), fill={"grades": -1})
-            state, metrics = step_fn(state, sharding.shard_batch(batch, mesh, process_local=False))
-            done = step + 1
-            if done % tc.log_every == 0 or done == tc.steps:
-                loss = float(metrics["loss"])
-                writer.write(done, {f"train/{k}": v for k, v in metrics.items()})
-                bar.set_metrics({"loss": loss})
-            bar.update()
-            manager.save(done, state, metadata)
-        manager.save(tc.steps, state, metadata, force=True)
-    manager.close()
-    seconds = time.perf_counter() - t0
-    stats = {"train_seconds": seconds, "steps_per_second": (tc.steps - start) / max(seconds, 1e-9),
-             "final_loss": loss}
-    return merge_model(graphdef, state), stats
+    rows = sharding.batch_ways(mesh)
+
+    def batch_fn(step: int):
+        batch = sample_batch(ids, grades, step=step, seed=config.seed,
+                             batch_tokens=tc.batch_tokens, bucket=tc.bucket)
+        batch = sharding.pad_rows(batch, rows, fill={"grades": -1})
+        return sharding.shard_batch(batch, mesh, process_local=False), 0
+
+    result = train_loop(state, step_fn, batch_fn, steps=tc.steps, directory=run_dir,
+                        checkpoint_every=tc.checkpoint_every, log_every=tc.log_every,
+                        shardings=shardings, metadata=metadata, desc=f"train {config.kind}",
+                        name=f"train {config.kind}")
+    stats = {"train_seconds": result.seconds,
+             "steps_per_second": (tc.steps - result.start) / max(result.seconds, 1e-9),
+             "final_loss": result.final_loss}
+    return merge_model(graphdef, result.state, average=True), stats
 
 
 # ----------------------------------------------------------------------------- export / load
 
 def export_model(model: nnx.Module, run_dir: str, metadata: dict, *, step: int) -> None:
-    """Write the parameters after ``step`` training steps (Orbax, ``<run_dir>/model``, newest
-    only) and ``compressor.json`` (process 0)."""
-    params = nnx.split(model, nnx.Param, ...)[1]
-    with CheckpointManager(os.path.join(run_dir, "model"), max_to_keep=1) as manager:
-        manager.save(step, params, metadata, force=True)
-    if not sharding.is_main_process():      # Orbax writes from every process; JSON from one
-        return
-    with open(os.path.join(run_dir, EXPORT_FILE), "w") as f:
-        json.dump(metadata, f, indent=2, sort_keys=True)
+    """Write the parameters after ``step`` training steps to ``<run_dir>/model`` and
+    ``metadata`` to ``compressor.json`` (``models.model_dir.save_model``)."""
+    model_dir.save_model(model, run_dir, description=metadata, description_file=EXPORT_FILE,
+                         step=step)
+
+
+def _make_compressor(meta: dict) -> nnx.Module:
+    arch = Qwen3Config(**meta["architecture"])
+    if meta["kind"] == "surprisal":
+        return Qwen3(arch, rngs=nnx.Rngs(0))
+    return TokenClassifier(arch, num_grades=meta["num_grades"], keep_grade=meta["keep_grade"],
+                           rngs=nnx.Rngs(0))
 
 
 def load_model(run_dir: str) -> tuple[nnx.Module, dict]:
     """The exported model of ``run_dir`` and its metadata (see :func:`export_model`)."""
-    with open(os.path.join(run_dir, EXPORT_FILE)) as f:
-        meta = json.load(f)
-    arch = Qwen3Config(**meta["architecture"])
-
-    def make():
-        if meta["kind"] == "surprisal":
-            return Qwen3(arch, rngs=nnx.Rngs(0))
-        return TokenClassifier(arch, num_grades=meta["num_grades"],
-                               keep_grade=meta["keep_grade"], rngs=nnx.Rngs(0))
-
-    graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
-    with CheckpointManager(os.path.join(run_dir, "model"), max_to_keep=1) as manager:
-        _, params, _ = manager.restore(target=local_target(params))
-    return nnx.merge(graphdef, params, rest), meta
+    return model_dir.load_model(run_dir, _make_compressor, description_file=EXPORT_FILE)
 
 
 def make_scorer(model: nnx.Module, *, sep_id: int, batch_size: int = 32) -> Scorer:

@@ -9,7 +9,7 @@ measured time). The baseline (generic surprisal compressor) is
 import ml_collections
 
 from experiments import cli
-from models.training import default_optimizer_config, make_optimizer
+from models.optim import default_optimizer_config, make_optimizer
 
 KINDS = ("formula", "surprisal")
 KEEP_POLICIES = ("essential", "essential+supporting")

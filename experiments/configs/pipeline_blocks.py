@@ -9,7 +9,7 @@ some values changed. Keys, by block:
     model          source ('config' | 'hf'), architecture of a fresh decoder or hf_path
     sft_base, sft_mixed, sft_policy, sft_tokenskip
                    init (a stage name or 'scratch'), steps, batch_tokens, bucket,
-                   max_length, optim (models.training.OPTIMIZER_DEFAULTS)
+                   max_length, optim (models.optim.OPTIMIZER_DEFAULTS)
     compressor, compressor_baseline
                    experiments/configs/compressor.py blocks (paths filled in per run)
     selfcot, compress, calibrate, rl, evaluate     see each stage's module
@@ -29,7 +29,7 @@ from experiments import cli
 from experiments.configs import compressor as compressor_configs
 from experiments.rundir import model_config
 from models.qwen3 import DTYPES
-from models.training import default_optimizer_config, make_optimizer
+from models.optim import default_optimizer_config, make_optimizer
 
 SOURCES = ("arithmetic", "benchmarks")
 MODEL_SOURCES = ("config", "hf")

@@ -30,7 +30,7 @@ from flax import nnx
 
 from data.arithmetic import generate_problems
 from data.formats import build_prompt
-from experiments.metrics import read_metrics
+from models.metrics import read_metrics
 
 MESHES = {"fsdp8": {"data": 1, "fsdp": 8, "tensor": 1},
           "mixed": {"data": 2, "fsdp": 2, "tensor": 2}}

@@ -40,7 +40,7 @@ from experiments import rl, rundir
 from experiments import rollouts as rollouts_module
 from experiments.configs import test as test_config
 from experiments.datasets import question_row
-from experiments.metrics import read_metrics
+from models.metrics import read_metrics
 from models import sharding_memory
 from models.qwen3 import Qwen3, Qwen3Config
 

@@ -74,7 +74,7 @@ def straight(tok, examples, tiny_decoder, tmp_path_factory):
 
 
 def test_train_sft_lowers_the_loss(straight):
-    from experiments.metrics import read_metrics
+    from models.metrics import read_metrics
 
     _, stats, run_dir = straight
     assert stats["examples"] == 24 and stats["tokens_per_second"] > 0

@@ -22,7 +22,7 @@ from data.tokenizers import train_sentencepiece
 from experiments import cli, sft
 from experiments.configs.pipeline_blocks import sft_block
 from experiments.datasets import sft_batch
-from experiments.metrics import read_metrics
+from models.metrics import read_metrics
 from models.qwen3 import Qwen3, Qwen3Config
 
 ARITH = ArithmeticConfig(max_steps=2)

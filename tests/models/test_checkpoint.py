@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import checkpoint, training
+from models import checkpoint, optim, training
 
 
 class TinyLM(nnx.Module):
@@ -51,8 +51,8 @@ def assert_bit_identical(a, b):
 @pytest.fixture(scope="module")
 def setup():
     """(TrainState after two AdamW steps, jitted step, batch): non-trivial moments and key."""
-    optimizer, _ = training.make_optimizer({"learning_rate": 0.1, "total_steps": 10,
-                                            "weight_decay": 0.1})
+    optimizer, _ = optim.make_optimizer({"learning_rate": 0.1, "total_steps": 10,
+                                         "weight_decay": 0.1})
     # ``table`` is large enough (16 KiB) to live in OCDBT data files, not inline.
     extra = {"lagrange": jnp.float32(0.25), "table": jnp.sin(jnp.arange(4096.0))}
     graphdef, state = training.create_train_state(TinyLM(rngs=nnx.Rngs(0)), optimizer, rng=7,

@@ -14,7 +14,8 @@ from jax.sharding import PartitionSpec as P
 from models import sharding as sh
 from models import sharding_memory as shm
 from models.qwen3 import Qwen3, preset
-from models.training import create_train_state, default_optimizer_config, make_optimizer
+from models.optim import default_optimizer_config, make_optimizer
+from models.training import create_train_state
 
 
 def abstract_mesh(data, fsdp, tensor):
@@ -174,10 +175,9 @@ def test_scale_configs_resolve_and_estimate_by_hand(monkeypatch):
     monkeypatch.setattr(pipeline_blocks, "_check_local_files", lambda config: None)
     monkeypatch.setattr(pipeline_blocks.os.path, "isfile", lambda path: True)
     from experiments import cli
-    from experiments.configs import scale_common
-    files = {"v5p-8": "scale_v5p8", "v4-32": "scale_v4_32", "8xh100": "scale_8xh100"}
+    from experiments.configs import scale as scale_common
     for target, spec in scale_common.TARGETS.items():
-        c = cli.parse([f"--config=experiments/configs/{files[target]}.py"])   # validates
+        c = cli.parse([f"--config=experiments/configs/scale.py:{target}"])   # validates
         assert c.to_dict() == scale_common.scale_config(target).to_dict()
         shape = sh.resolve_mesh_shape(**c.mesh.to_dict(), num_devices=spec["devices"])
         assert math.prod(shape) == spec["devices"]
@@ -190,6 +190,9 @@ def test_scale_configs_resolve_and_estimate_by_hand(monkeypatch):
     assert row["sft"].opt_state == 2 * row["sft"].params + 8
     with pytest.raises(ValueError, match="unknown scale target"):
         scale_common.scale_config("v3-8")
+    with pytest.raises(cli.ConfigError, match=r"scale.py:v3-8: the argument must be a scale "
+                                              r"target, one of \['8xh100', 'v4-32', 'v5p-8'\]"):
+        cli.parse(["--config=experiments/configs/scale.py:v3-8"])
 
 
 def test_a_scalar_batch_leaf_is_replicated():

@@ -60,8 +60,8 @@ def _measure(ckpt_dir: str) -> dict:
     from models import sharding_memory as shm
     from models.qwen3 import Qwen3, preset
     from models.sampling import generate, score
-    from models.training import (create_train_state, default_optimizer_config, make_optimizer,
-                                 make_train_step, merge_model)
+    from models.optim import default_optimizer_config, make_optimizer
+    from models.training import create_train_state, make_train_step, merge_model
 
     assert jax.device_count() == 8, jax.devices()
     t_start = os.times()

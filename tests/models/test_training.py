@@ -1,4 +1,5 @@
-"""Tests for models/training.py: schedules, optimiser validation, token losses, train step."""
+"""Tests for models/optim.py (schedules, optimiser validation) and models/training.py
+(token losses, train step)."""
 import math
 
 import jax
@@ -9,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from models import training
+from models import optim, training
 
 VOCAB, DIM, LENGTH = 7, 8, 6
 
@@ -59,7 +60,7 @@ def leaves_equal_bits(a, b):
 
 @pytest.fixture(scope="module")
 def adam_setup():
-    optimizer, schedule = training.make_optimizer(training.default_optimizer_config(
+    optimizer, schedule = optim.make_optimizer(optim.default_optimizer_config(
         learning_rate=0.05, schedule="constant", warmup=2, total_steps=100, weight_decay=0.01))
     graphdef, state = training.create_train_state(TinyLM(rngs=nnx.Rngs(0)), optimizer, rng=1)
     step = jax.jit(training.make_train_step(graphdef, lm_loss, optimizer, schedule=schedule))
@@ -75,15 +76,15 @@ def adam_setup():
     ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
 ])
 def test_schedule_hand_computed(kind, expected):
-    _, fn = training.make_optimizer({"learning_rate": 1.0, "schedule": kind, "warmup": 2,
-                                     "total_steps": 10, "min_lr_ratio": 0.1})
+    _, fn = optim.make_optimizer({"learning_rate": 1.0, "schedule": kind, "warmup": 2,
+                                  "total_steps": 10, "min_lr_ratio": 0.1})
     got = jax.jit(fn)(jnp.array([0, 1, 2, 4, 6, 10, 50]))
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
 def test_warmup_fraction_equals_steps():
-    _, by_fraction = training.make_optimizer({"warmup": 0.2, "total_steps": 10})
-    _, by_steps = training.make_optimizer({"warmup": 2, "total_steps": 10})
+    _, by_fraction = optim.make_optimizer({"warmup": 0.2, "total_steps": 10})
+    _, by_steps = optim.make_optimizer({"warmup": 2, "total_steps": 10})
     ts = jnp.arange(12)
     np.testing.assert_array_equal(by_fraction(ts), by_steps(ts))
     assert float(by_steps(0)) == pytest.approx(0.5e-3)
@@ -102,13 +103,13 @@ def test_warmup_fraction_equals_steps():
 ])
 def test_make_optimizer_names_bad_key(key, value, needle):
     with pytest.raises(ValueError) as err:
-        training.make_optimizer(ml_collections.ConfigDict({"total_steps": 10, key: value}))
+        optim.make_optimizer(ml_collections.ConfigDict({"total_steps": 10, key: value}))
     assert needle in str(err.value)
 
 
 def test_make_optimizer_uses_the_block_name():
     with pytest.raises(ValueError, match=r"train\.optim\.eps=0\.0 must lie in \(0\.0, inf\]"):
-        training.make_optimizer({"eps": 0.0}, name="train.optim")
+        optim.make_optimizer({"eps": 0.0}, name="train.optim")
 
 
 def test_weight_decay_mask_excludes_norms_biases_embeddings():
@@ -116,17 +117,17 @@ def test_weight_decay_mask_excludes_norms_biases_embeddings():
               "layers": {"q_norm": {"scale": jnp.ones((2, 4))}, "bias": jnp.ones((2, 4)),
                          "kernel": jnp.ones((2, 4, 4))},
               "head": {"kernel": jnp.ones((4, 5)), "bias": jnp.ones(5)}}
-    mask = training.weight_decay_mask(params)
+    mask = optim.weight_decay_mask(params)
     assert mask == {"embed": {"embedding": False}, "norm": {"scale": False},
                     "layers": {"q_norm": {"scale": False}, "bias": False, "kernel": True},
                     "head": {"kernel": True, "bias": False}}
-    assert training.weight_decay_mask(params, decay_embeddings=True)["embed"]["embedding"]
+    assert optim.weight_decay_mask(params, decay_embeddings=True)["embed"]["embedding"]
 
 
 def test_weight_decay_reaches_only_masked_params(adam_setup):
-    optimizer, _ = training.make_optimizer({"learning_rate": 0.5, "schedule": "constant",
-                                            "warmup": 0, "total_steps": 10,
-                                            "weight_decay": 0.1, "grad_clip": 0.0})
+    optimizer, _ = optim.make_optimizer({"learning_rate": 0.5, "schedule": "constant",
+                                         "warmup": 0, "total_steps": 10,
+                                         "weight_decay": 0.1, "grad_clip": 0.0})
     params = adam_setup[0].params
 
     @jax.jit
@@ -266,7 +267,7 @@ def test_merge_model_round_trip():
 
 def test_fresh_state_can_be_donated():
     """A freshly created state must not share buffers between leaves."""
-    optimizer, schedule = training.make_optimizer(training.default_optimizer_config(
+    optimizer, schedule = optim.make_optimizer(optim.default_optimizer_config(
         learning_rate=0.01, schedule="constant", warmup=0, total_steps=10))
     graphdef, state = training.create_train_state(TinyLM(rngs=nnx.Rngs(0)), optimizer, rng=3)
     step = jax.jit(training.make_train_step(graphdef, lm_loss, optimizer, schedule=schedule),

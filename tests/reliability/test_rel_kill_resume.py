@@ -184,7 +184,7 @@ def check_same_run(reference: str, resumed: str, stage: str) -> tuple[list, list
 # ----------------------------------------------------------------------------- SFT
 
 def metric_rows(run_dir: str, stage: str) -> list[dict]:
-    from experiments.metrics import read_metrics
+    from models.metrics import read_metrics
 
     return [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/")}
             for r in read_metrics(os.path.join(run_dir, stage))]

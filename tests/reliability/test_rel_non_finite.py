@@ -113,7 +113,7 @@ def test_sft_skips_a_nan_and_stops_after_n_in_a_row(sft_setup, tmp_path, monkeyp
     """
     from experiments import sft
     from experiments.configs.pipeline_blocks import sft_block
-    from experiments.metrics import read_metrics
+    from models.metrics import read_metrics
     from models.qwen3 import Qwen3, Qwen3Config
 
     tok, examples = sft_setup

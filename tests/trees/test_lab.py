@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data import trees as T
 from experiments import cli
-from experiments import pathfinding as PF
-from experiments import pathfinding_data as D
-from experiments import pathfinding_model as M
-from experiments import pathfinding_roles as R
-from experiments.configs import pathfinding as pathfinding_config
-from experiments.pathfinding_train import ATTENTION_FILE, train_run
+from experiments.trees import config as pathfinding_config
+from experiments.trees import encoding as D
+from experiments.trees import lab as PF
+from experiments.trees import model as M
+from experiments.trees import problems as T
+from experiments.trees import roles as R
+from experiments.trees.train import ATTENTION_FILE, train_run
 from models.qwen3 import Qwen3, Qwen3Config, with_attention_probs
 
-CONFIG = "experiments/configs/pathfinding.py"
+CONFIG = "experiments/trees/config.py"
 VOCAB = T.TreeVocab(num_labels=10)      # label x -> id x + 9; lab ids 19, 20 = sort tasks
 HAND = T.PathProblem(edges=np.array([[4, 2], [4, 1], [2, 8]]), root=4, goal=8,
                      path=np.array([4, 2, 8]))
@@ -322,7 +322,7 @@ def test_every_exercise_config_parses_into_valid_runs(arg):
 
 
 def test_warm_up_draws_the_first_level_only_then_every_row():
-    from experiments.pathfinding_train import batch_indices   # noqa: PLC0415
+    from experiments.trees.train import batch_indices   # noqa: PLC0415
 
     warm = [batch_indices(0, s, rows=300, blocks=3, batch_size=64, first_level_steps=5)
             for s in range(10)]
@@ -444,19 +444,19 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     run = PF.run_configs(config)[1]
     straight = train_run(run, str(tmp_path / "straight"), quiet=True)
 
-    from experiments import pathfinding_train
+    from models.metrics import MetricWriter   # noqa: PLC0415 (the loop's writer)
 
-    real_write = pathfinding_train.MetricWriter.write
+    real_write = MetricWriter.write
 
     def crash_at_20(self, step, metrics):   # after the step-10 checkpoint, before step 20's
         if step == 20:
             raise KeyboardInterrupt("simulated crash")
         return real_write(self, step, metrics)
 
-    monkeypatch.setattr(pathfinding_train.MetricWriter, "write", crash_at_20)
+    monkeypatch.setattr(MetricWriter, "write", crash_at_20)
     with pytest.raises(KeyboardInterrupt):
         train_run(run, str(tmp_path / "resumed"), quiet=True)
-    monkeypatch.setattr(pathfinding_train.MetricWriter, "write", real_write)
+    monkeypatch.setattr(MetricWriter, "write", real_write)
     resumed = train_run(run, str(tmp_path / "resumed"), quiet=True)
     assert resumed["final"] == straight["final"]
     strip = lambda h: [{k: v for k, v in r.items() if k != "time"} for r in h]  # noqa: E731

@@ -2,7 +2,7 @@
 
 Two layouts of one problem (``data.trees.PathProblem``):
 
-``tokens``  the project's token layout (``data/tree_tokens.py``): every edge is
+``tokens``  the project's token layout (``experiments/trees/tokens.py``): every edge is
             ``p c [,]``, one token per position; ``aux`` is all PAD.
 ``paired``  one position per edge and one per output token, each carrying two
             ids, ``tok`` and ``aux``; the model embeds ``E[tok] + F[aux]``
@@ -26,7 +26,7 @@ paired edge; 1, 2[, 3] for the tokens of a ``p c ,`` edge), later tokens
 continuing from there, so the edge list is a set to RoPE; ``none`` all 0
 (RoPE is the identity: no positional information).
 
-Tasks: the three of ``data/tree_tokens.py`` (``backward``, ``forward_cot``,
+Tasks: the three of ``experiments/trees/tokens.py`` (``backward``, ``forward_cot``,
 ``forward``) and a second two-stage operation, ``sort_cot`` (filter the tree to
 the goal-root chain, then write the chain's labels in ascending order:
 ``chain | sorted EOS``) and its no-chain-of-thought twin ``sort``. The two sort
@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from data import trees as T
+from experiments.trees import problems as T
 
 __all__ = ["LAB_TASKS", "LAYOUTS", "POSITIONS", "MAX_LEVEL", "lab_vocab_size", "lab_task_id",
            "level_id", "target_ids", "stage_length", "lab_batch", "make_splits", "keep_fn",

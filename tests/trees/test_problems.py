@@ -1,10 +1,10 @@
-"""data/trees.py and data/tree_tokens.py: generators, layout, splits, hooks, scoring."""
+"""experiments/trees/problems.py and experiments/trees/tokens.py: generators, layout, splits, hooks, scoring."""
 import functools
 
 import numpy as np
 import pytest
 
-from data import trees as T
+from experiments.trees import problems as T
 
 
 def _parent_map(edges):

@@ -6,8 +6,8 @@ the answer is the path between them. Labels are drawn without replacement from
 
 Targets: backward (goal -> root, e.g. ``8 1 2 4``), forward with chain of
 thought (``8 1 2 4 | 4 2 1 8``) and forward without (``4 2 1 8``); the token
-layout, batches and scorer live in ``data/tree_tokens.py`` and are re-exported
-here. Tree shapes are parent arrays over structural ids 0..n-1 with root 0,
+layout, batches and scorer live in ``experiments/trees/tokens.py`` and are
+re-exported here. Tree shapes are parent arrays over structural ids 0..n-1 with root 0,
 ``parent[0] == -1`` and ``parent[i] < i``.
 
 Splits: :func:`canonical_form` encodes a problem up to relabelling (AHU
@@ -23,8 +23,9 @@ from typing import Callable
 
 import numpy as np
 
-from data.tree_tokens import (TASKS, TreeVocab, build_batch, prompt_batch, prompt_tokens,
-                              reference_targets, score, target_tokens, teacher_forced_spans)
+from experiments.trees.tokens import (TASKS, TreeVocab, build_batch, prompt_batch,
+                                      prompt_tokens, reference_targets, score, target_tokens,
+                                      teacher_forced_spans)
 
 __all__ = [
     "TASKS", "TreeVocab", "PathProblem", "random_tree", "perfect_binary_tree", "branching_tree",

@@ -1,12 +1,12 @@
 """Tree path-finding lab: one-layer multi-head transformers, chain of thought,
 head specialisation, chain compression (docs/trees.md).
 
-    python -m experiments.pathfinding --config=experiments/configs/pathfinding.py:ex1 \
+    python -m experiments.trees.lab --config=experiments/trees/config.py:ex1 \
         --config.figures_dir=docs/figures/trees
 
 An exercise is a base config plus a list of runs (``config.runs``, each a string
 of ``key=value`` overrides). Each run trains in ``<run_dir>/<name>/``
-(``experiments/pathfinding_train.py``: checkpoints, metrics.jsonl, TensorBoard,
+(``experiments/trees/train.py``: checkpoints, metrics.jsonl, TensorBoard,
 results.json, attention.npz); then this script writes ``summary.md`` /
 ``summary.json`` and the exercise's plots.
 """
@@ -21,17 +21,16 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from data.trees import TreeVocab
-from experiments import cli
-from experiments import pathfinding_plots as P
-from experiments import rundir
-from experiments.configs import pathfinding as pathfinding_config
-from experiments.pathfinding_train import ATTENTION_FILE, train_run
+from experiments import cli, rundir
+from experiments.trees import config as pathfinding_config
+from experiments.trees import plots as P
+from experiments.trees.problems import TreeVocab
+from experiments.trees.train import ATTENTION_FILE, train_run
 
 __all__ = ["run_configs", "summary_rows", "markdown_table", "main"]
 
 log = logging.getLogger(__name__)
-DEFAULT_CONFIG = "experiments/configs/pathfinding.py:ex1"
+DEFAULT_CONFIG = "experiments/trees/config.py:ex1"
 
 
 def run_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:

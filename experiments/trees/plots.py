@@ -13,8 +13,8 @@ import matplotlib.patches as patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data.trees import TreeVocab  # noqa: E402
-from experiments.pathfinding_roles import ROLES, STEP_KINDS  # noqa: E402
+from experiments.trees.problems import TreeVocab  # noqa: E402
+from experiments.trees.roles import ROLES, STEP_KINDS  # noqa: E402
 
 __all__ = ["token_name", "plot_attention", "plot_role_masses", "plot_training",
            "plot_accuracy_curves", "plot_compression"]

@@ -1,7 +1,7 @@
 """The lab's model, loss, teacher-forced scoring, greedy decoding and attention capture.
 
 ``PathModel`` is the project's Qwen3 decoder (``models/qwen3.py``, any depth and
-head count) plus, for the ``paired`` layout (``experiments/pathfinding_data.py``),
+head count) plus, for the ``paired`` layout (``experiments/trees/encoding.py``),
 a second embedding table ``F``: the input at position t is
 
     x_t = E[tok_t] + F[aux_t] * [aux_t != PAD]

@@ -1,6 +1,6 @@
-"""Tree path-finding lab (experiments/pathfinding.py; docs/trees.md).
+"""Tree path-finding lab (experiments/trees/lab.py; docs/trees.md).
 
-    python -m experiments.pathfinding --config=experiments/configs/pathfinding.py:ex1
+    python -m experiments.trees.lab --config=experiments/trees/config.py:ex1
     ... :ex2 | :ex3 | :compression | :compression_full | :depth4 | :init | :representation
     (add _ci, e.g. :ex1_ci, for the CI-sized run)
 
@@ -11,8 +11,8 @@ exercise is a small sweep. Defaults are sized for 2 CPU cores (minutes each).
 import ml_collections
 
 from experiments import cli
-from experiments.pathfinding_data import MAX_LEVEL
-from models.training import default_optimizer_config
+from experiments.trees.encoding import MAX_LEVEL
+from models.optim import default_optimizer_config
 
 EXERCISES = ("ex1", "ex2", "ex3", "compression", "compression_full", "depth4", "init",
              "representation")
@@ -100,7 +100,7 @@ def get_config(arg: str = "ex1") -> ml_collections.ConfigDict:
     c.model.kv_heads = 0         # 0 = heads (no grouping)
     c.model.hidden = 64
     c.model.mlp = 128
-    c.model.layout = "paired"    # 'paired' | 'tokens' (experiments/pathfinding_data.py)
+    c.model.layout = "paired"    # 'paired' | 'tokens' (experiments/trees/encoding.py)
     c.model.positions = "none"   # 'none' | 'edge_set' | 'sequential'
     c.model.edge_separator = True
     c.model.init_std = 0.1       # 0.02 (the decoder's default) often stalls: see ':init' 

@@ -1,7 +1,11 @@
-"""Mesh, multi-host and batch settings for Qwen3-1.7B on a TPU pod slice or a GPU node.
+"""Qwen3-1.7B on a TPU pod slice or a GPU node: one config, the target as its argument.
 
-The per-target configs (scale_v5p8.py, scale_v4_32.py, scale_8xh100.py) are
-``qwen3_1p7b.py`` plus three blocks:
+    python -m experiments.pipeline --config=experiments/configs/scale.py:v4-32 \
+        --config.model.hf_path=/path/to/Qwen3-1.7B \
+        --config.data.tokenizer_path=/path/to/Qwen3-1.7B/tokenizer.json
+    # targets: v5p-8, v4-32, 8xh100 (TARGETS; docs/scaling.md)
+
+Each target is ``qwen3_1p7b.py`` plus three blocks:
 
     mesh:          data / fsdp / tensor sizes (-1 = the rest), models.sharding.mesh_from_config
     distributed:   enabled -> jax.distributed.initialize() on every host first
@@ -10,14 +14,17 @@ The per-target configs (scale_v5p8.py, scale_v4_32.py, scale_8xh100.py) are
 and an rl.minibatches that makes every update's rows divisible by data x fsdp.
 
 NOT RUN: nothing here has been run on a TPU or GPU. The memory figures in
-docs/scaling.md come from ``python -m experiments.configs.scale_common``, which
+docs/scaling.md come from ``python -m experiments.configs.scale``, which
 evaluates models.sharding_memory.estimate_memory on an abstract mesh of each target.
 """
 from __future__ import annotations
 
 import ml_collections
 
+from experiments import cli
 from experiments.configs import qwen3_1p7b
+
+validate = qwen3_1p7b.validate
 
 # device_gib: memory per device (TPU chip HBM, or GPU memory).
 TARGETS = {
@@ -50,13 +57,21 @@ def scale_config(target: str) -> ml_collections.ConfigDict:
     return c
 
 
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    """``--config=experiments/configs/scale.py:<target>``, a key of ``TARGETS``."""
+    if arg not in TARGETS:
+        raise cli.ConfigError(f"--config=experiments/configs/scale.py:{arg}: the argument must "
+                              f"be a scale target, one of {sorted(TARGETS)}")
+    return scale_config(arg)
+
+
 def memory_rows(target: str) -> dict[str, object]:
     """Estimated bytes per device for SFT (width 4096) and the RL update and rollouts."""
     from jax.sharding import AbstractMesh, AxisType  # noqa: PLC0415 (configs stay light)
 
     from models import sharding, sharding_memory  # noqa: PLC0415
     from models.qwen3 import preset  # noqa: PLC0415
-    from models.training import make_optimizer  # noqa: PLC0415
+    from models.optim import make_optimizer  # noqa: PLC0415
 
     spec, c = TARGETS[target], scale_config(target)
     shape = sharding.resolve_mesh_shape(**spec["mesh"], num_devices=spec["devices"])

@@ -1,4 +1,4 @@
-"""Tests for experiments/metrics.py: JSONL + TensorBoard records, progress bar, timers."""
+"""Tests for models/metrics.py: JSONL + TensorBoard records, progress bar, timers."""
 import glob
 import io
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from experiments import metrics
+from models import metrics
 
 
 def read_events(run_dir):

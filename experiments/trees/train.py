@@ -1,7 +1,7 @@
 """One tree-lab run: data, model, training with periodic evaluation and attention
 probes, Orbax checkpoints (resumable), and a ``results.json`` summary.
 
-``train_run(config, run_dir)`` is the whole recipe; ``experiments/pathfinding.py``
+``train_run(config, run_dir)`` is the whole recipe; ``experiments/trees/lab.py``
 calls it once per run of an exercise. Everything is a pure function of the
 config and its seed: the batch of step t is drawn by ``default_rng((seed, t))``,
 so a resumed run sees the same batches as an uninterrupted one.
@@ -20,14 +20,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from data import trees as T
 from experiments import cli
-from experiments import pathfinding_data as D
-from experiments import pathfinding_model as M
-from experiments import pathfinding_roles as R
-from experiments.metrics import MetricWriter, Progress, read_metrics
+from experiments.trees import encoding as D
+from experiments.trees import model as M
+from experiments.trees import problems as T
+from experiments.trees import roles as R
 from models import training
-from models.checkpoint import CheckpointManager, abstract_tree
+from models.loop import train_loop
+from models.metrics import read_metrics
+from models.optim import make_optimizer
 
 __all__ = ["samplers", "build_data", "train_run", "RESULTS_FILE", "ATTENTION_FILE"]
 
@@ -166,7 +167,7 @@ def compiled_functions(model_config, *, paired: bool,
     key = (model_config, paired, json.dumps(cli.to_json_dict(optim), sort_keys=True))
     if key in _COMPILED:
         return _COMPILED[key]
-    optimizer, schedule = training.make_optimizer(optim, name="train.optim")
+    optimizer, schedule = make_optimizer(optim, name="train.optim")
     make = lambda rngs: M.PathModel(model_config, paired=paired, rngs=rngs)  # noqa: E731
     graphdef = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))), nnx.Param, ...)[0]
     merge = lambda p, r: nnx.merge(graphdef, p, r)  # noqa: E731
@@ -202,50 +203,38 @@ def batch_indices(seed: int, step: int, *, rows: int, blocks: int, batch_size: i
 
 def _train_loop(config, run_dir: str, data: dict, fns: dict, state, probe: dict,
                 roles: np.ndarray, kinds: np.ndarray, *, quiet: bool):
-    """Steps from the last checkpoint (if any) to ``train.steps``, with logging,
-    periodic evaluation and attention probes; returns (state, first step, seconds).
-    Pending checkpoint writes finish even when the loop is interrupted."""
+    """``models.loop.train_loop`` from the last checkpoint (if any) to ``train.steps``,
+    recording the loss every ``log_every`` steps and the accuracies and attention
+    probes every ``eval_every``; returns (state, first step, seconds)."""
     tc = config.train
-    step_fn, eval_fn, attn_fn = fns["step"], fns["evaluate"], fns["attention"]
+    eval_fn, attn_fn = fns["evaluate"], fns["attention"]
     train, n_train = data["train"], len(data["train"]["tokens"])
     blocks = max(len(config.task.levels), 1)
     train_eval = _rows(train, np.arange(min(tc.eval_train_size, n_train)))
-    jnp_batch = lambda idx: {k: jnp.asarray(v) for k, v in _rows(train, idx).items()}  # noqa
-    with CheckpointManager(os.path.join(run_dir, "checkpoints"), max_to_keep=1,
-                           save_interval_steps=tc.checkpoint_every) as manager:
-        start = 0
-        if manager.latest_step() is not None:
-            start, state, _ = manager.restore(target=abstract_tree(state))
-            log.info("resumed %s at step %d", run_dir, start)
-        t_train = time.time()
-        with MetricWriter(run_dir, resume_step=start, tensorboard=tc.tensorboard) as writer, \
-                Progress(tc.steps, initial=start, desc=config.name, quiet=quiet) as bar:
-            for step in range(start, tc.steps):
-                idx = batch_indices(config.seed, step, rows=n_train, blocks=blocks,
-                                    batch_size=tc.batch_size,
-                                    first_level_steps=tc.first_level_steps)
-                state, metrics = step_fn(state, jnp_batch(idx))
-                done, record = step + 1, {}
-                if done % tc.log_every == 0 or done == tc.steps:
-                    record.update({k: metrics[k] for k in ("loss", "grad_norm",
-                                                           "learning_rate")})
-                if done % tc.eval_every == 0 or done == tc.steps:
-                    p, r = state.params, state.non_trainable
-                    acc = _evaluate(eval_fn, p, r, train_eval)
-                    record.update({f"train/{k}": v for k, v in acc.items()})
-                    for name, batch in data["tests"].items():
-                        acc = _evaluate(eval_fn, p, r, batch, limit=tc.eval_test_size)
-                        record.update({f"{name}/{k}": v for k, v in acc.items()})
-                    record.update(_probe_metrics(*_probe(attn_fn, p, r, probe, roles, kinds)))
-                if record:
-                    writer.write(done, record)
-                    bar.set_metrics({k: v for k, v in record.items()
-                                     if k in ("loss", "train/exact")})
-                bar.update()
-                manager.save(done, state)
-            manager.save(tc.steps, state, force=True)
-        seconds = time.time() - t_train
-    return state, start, seconds
+
+    def batch_fn(step: int):
+        idx = batch_indices(config.seed, step, rows=n_train, blocks=blocks,
+                            batch_size=tc.batch_size, first_level_steps=tc.first_level_steps)
+        return {k: jnp.asarray(v) for k, v in _rows(train, idx).items()}, 0
+
+    def record(done: int, state, metrics) -> dict:
+        row = {}
+        if done % tc.log_every == 0 or done == tc.steps:
+            row.update({k: metrics[k] for k in ("loss", "grad_norm", "learning_rate")})
+        if done % tc.eval_every == 0 or done == tc.steps:
+            p, r = state.params, state.non_trainable
+            row.update({f"train/{k}": v for k, v in _evaluate(eval_fn, p, r, train_eval).items()})
+            for name, batch in data["tests"].items():
+                acc = _evaluate(eval_fn, p, r, batch, limit=tc.eval_test_size)
+                row.update({f"{name}/{k}": v for k, v in acc.items()})
+            row.update(_probe_metrics(*_probe(attn_fn, p, r, probe, roles, kinds)))
+        return row
+
+    result = train_loop(state, fns["step"], batch_fn, steps=tc.steps, directory=run_dir,
+                        checkpoint_every=tc.checkpoint_every, record=record, max_to_keep=1,
+                        desc=config.name, bar_keys={"loss": "loss", "train/exact": "train/exact"},
+                        loss_key="loss", name=run_dir, quiet=quiet, tensorboard=tc.tensorboard)
+    return result.state, result.start, result.seconds
 
 
 def train_run(config: ml_collections.ConfigDict, run_dir: str, *, quiet: bool = False
