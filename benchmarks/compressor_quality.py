@@ -31,8 +31,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.arithmetic import generate_problems  # noqa: E402
+from data.tokenizers import load_tokenizer  # noqa: E402
 from experiments import cli  # noqa: E402
 from experiments import train_compressor as tc  # noqa: E402
+from models.compressor import COMPRESSOR_FILE, load_scorer  # noqa: E402
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 METRICS = ("integrity", "integrity_essential", "fractured", "recall_essential")
@@ -43,7 +45,7 @@ CONFIGS = {"formula": "experiments/configs/compressor.py",
 
 def ensure_trained(run_dir: str, kind: str) -> None:
     """Train ``run_dir`` with the default config of ``kind`` unless it holds an exported model."""
-    if os.path.exists(os.path.join(run_dir, tc.EXPORT_FILE)):
+    if os.path.exists(os.path.join(run_dir, COMPRESSOR_FILE)):
         return
     print(f"# training {kind} compressor in {run_dir}", file=sys.stderr)
     tc.main(cli.parse([f"--config={CONFIGS[kind]}", f"--config.run_dir={run_dir}"]))
@@ -59,7 +61,8 @@ def _padded(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 def measure(run_dir: str, problems, *, seed: int) -> dict[str, dict[str, float]]:
     """{'model' | 'oracle' | 'random': ratio_table} for the compressor of ``run_dir``."""
-    scorer, tokenizer = tc.load_compressor(run_dir)
+    scorer, meta = load_scorer(run_dir)
+    tokenizer = load_tokenizer(os.path.join(run_dir, meta["tokenizer"]))
     examples = tc.annotate(problems, tokenizer)
     start = time.perf_counter()
     scores, lengths = scorer.padded([e.question_ids for e in examples],

@@ -319,3 +319,32 @@ def complete_questions(buckets: dict[int, dict[str, list[CompressedCoT]]],
         raise ValueError(f"levels {unknown} are not in the buckets {sorted(buckets)}")
     common = set.intersection(*(set(buckets[lv]) for lv in levels)) if levels else set()
     return {lv: {q: g for q, g in buckets[lv].items() if q in common} for lv in levels}
+
+
+def compress_batch(scorer, question_ids: Sequence[Sequence[int]],
+                   cot_ids: Sequence[Sequence[int]], ratios: Sequence[float], *,
+                   units: Sequence[np.ndarray] | None = None,
+                   priority: Sequence[np.ndarray] | None = None
+                   ) -> list[dict[float, list[int]]]:
+    """Compressed CoT ids of every row at every ratio, from ONE forward pass.
+
+    ``scorer``: a ``models.compressor.Scorer`` (anything whose
+    ``padded(question_ids, cot_ids)`` gives ``(scores [B, N], lengths [B])``).
+
+    Row b at ratio g keeps ``num_kept(N_b, g)`` tokens (top keep-scores,
+    ties to the earlier token) in their original order. With ``units`` (row b's unit id
+    per token, e.g. :func:`sentence_units`) whole units are kept instead,
+    at most that many tokens (:func:`unit_keep_mask`, with row b's
+    ``priority`` when given).
+    """
+    scores, lengths = scorer.padded(question_ids, cot_ids)
+    if units is None:
+        masks = {float(g): keep_mask_batch(scores, lengths, float(g)) for g in ratios}
+    else:
+        if len(units) != len(cot_ids):
+            raise ValueError(f"units has {len(units)} rows for {len(cot_ids)} chains")
+        masks = {float(g): [unit_keep_mask(scores[b, :lengths[b]], units[b], float(g),
+                                           priority=None if priority is None else priority[b])
+                            for b in range(len(cot_ids))] for g in ratios}
+    return [{g: [int(t) for t, k in zip(cot_ids[b], m[b]) if k] for g, m in masks.items()}
+            for b in range(len(cot_ids))]

@@ -26,14 +26,14 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from data.compression import CompressedCoT, complete_questions, rebucket, sentence_units
+from data.compression import (CompressedCoT, complete_questions, compress_batch, rebucket,
+                              sentence_units)
 from data.formats import EQUATION_TEXT, LEVELS, THINK_OPEN, build_prompt
-from experiments import rundir
+from experiments import rundir, train_compressor
 from experiments.datasets import read_questions
 from experiments.rollouts import answer_questions, place_model
-from experiments.train_compressor import compress_batch, load_compressor
 from models import sharding
-from models.compressor import Scorer, surprisal_scorer
+from models.compressor import Scorer, load_scorer, surprisal_scorer
 
 __all__ = ["compressor_config", "compressor", "selfcot", "equation_lines", "compressed_rows",
            "compress", "STAGES"]
@@ -58,8 +58,6 @@ def compressor_config(block: ml_collections.ConfigDict, run: rundir.Run, *, name
 
 def compressor(config, run: rundir.Run) -> dict:
     """Train the compressor(s); returns their held-out metrics."""
-    from experiments import train_compressor  # noqa: PLC0415
-
     out = {}
     names = [("compressor", config.compressor)]
     if config.compress.baseline_scorer == "trained":
@@ -175,7 +173,7 @@ def compress(config, run: rundir.Run) -> dict:
         raise ValueError("the base model solved no SFT question; nothing to compress")
     ratios = tuple(config.compress.ratios)
     out_dir = run.stage_dir("compress")
-    formula, _ = load_compressor(run.path("compressor"), batch_size=config.compress.batch_size)
+    formula, _ = load_scorer(run.path("compressor"), batch_size=config.compress.batch_size)
     plain = [tok.encode(questions[c["uid"]].question) for c in cots]
     pieces = ([tok.decode([i]) for i in range(tok.vocab_size)]
               if config.compress.units == "sentences" else None)
@@ -183,8 +181,8 @@ def compress(config, run: rundir.Run) -> dict:
     rundir.write_jsonl(os.path.join(out_dir, "formula.jsonl"), rows)
     summary = _stats(rows, "formula")
     if config.compress.baseline_scorer == "trained":
-        baseline, _ = load_compressor(run.path("compressor_baseline"),
-                                      batch_size=config.compress.batch_size)
+        baseline, _ = load_scorer(run.path("compressor_baseline"),
+                                  batch_size=config.compress.batch_size)
         prefixes = plain
     else:  # the base model's own surprisal of each CoT token, after its chat prompt
         lm = rundir.load_model(run.path("sft_base"))

@@ -14,10 +14,11 @@ Recipe:
 4. train with Orbax checkpoints (resumable), metrics to ``metrics.jsonl``/TensorBoard;
 5. evaluate on held-out problems (keep/drop macro-F1 of the label policy; per ratio:
    essential-token recall and formula integrity, see :func:`ratio_metrics`) and export
-   the model (``<run_dir>/model`` + ``compressor.json``) for :func:`load_compressor`.
+   the model (``<run_dir>/model`` + ``compressor.json``, ``models.compressor.save_compressor``).
 
-The compress API for other stages: :func:`load_compressor` gives a scorer;
-:func:`compress_batch` turns one forward pass into compressed ids at any ratios.
+The compress API for other stages is library code: ``models.compressor.load_scorer``
+gives a run's scorer; ``data.compression.compress_batch`` turns one forward pass into
+compressed ids at any ratios.
 """
 from __future__ import annotations
 
@@ -32,12 +33,12 @@ from flax import nnx
 
 from data.arithmetic import (ESSENTIAL, FILLER, FILLER_SUB_RANK, Problem, align_spans,
                              generate_problems, load_problems, tokenizer_corpus)
-from data.compression import keep_mask_batch, unit_keep_mask
+from data.compression import keep_mask_batch
 from data.formats import SEP
 from data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
 from experiments import cli
-from models import model_dir, sharding
-from models.compressor import Scorer, keep_scorer, surprisal_scorer
+from models import sharding
+from models.compressor import Scorer, make_scorer, save_compressor
 from models.encoder import TokenClassifier, ordinal_loss
 from models.loop import train_loop
 from models.metrics import MetricWriter
@@ -47,12 +48,11 @@ from models.training import create_train_state, make_train_step, masked_lm_loss,
 
 __all__ = ["GRADE_SUPPORTING", "GRADE_ESSENTIAL", "Example", "token_grades", "annotate",
            "ratio_metrics", "ratio_table", "macro_f1", "evaluate", "label_policy", "build_model",
-           "pack_rows", "sample_batch", "train", "export_model", "load_model", "make_scorer",
-           "load_compressor", "compress_batch", "main"]
+           "pack_rows", "sample_batch", "train", "main"]
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "experiments/configs/compressor.py"
-EXPORT_FILE, TOKENIZER_FILE = "compressor.json", "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"
 GRADE_SUPPORTING, GRADE_ESSENTIAL = 3, 4
 KEEP_GRADE = {"essential": GRADE_ESSENTIAL, "essential+supporting": GRADE_SUPPORTING}
 
@@ -297,68 +297,6 @@ def train(config: ml_collections.ConfigDict, model: nnx.Module, ids, grades, *,
     return merge_model(graphdef, result.state, average=True), stats
 
 
-# ----------------------------------------------------------------------------- export / load
-
-def export_model(model: nnx.Module, run_dir: str, metadata: dict, *, step: int) -> None:
-    """Write the parameters after ``step`` training steps to ``<run_dir>/model`` and
-    ``metadata`` to ``compressor.json`` (``models.model_dir.save_model``)."""
-    model_dir.save_model(model, run_dir, description=metadata, description_file=EXPORT_FILE,
-                         step=step)
-
-
-def _make_compressor(meta: dict) -> nnx.Module:
-    arch = Qwen3Config(**meta["architecture"])
-    if meta["kind"] == "surprisal":
-        return Qwen3(arch, rngs=nnx.Rngs(0))
-    return TokenClassifier(arch, num_grades=meta["num_grades"], keep_grade=meta["keep_grade"],
-                           rngs=nnx.Rngs(0))
-
-
-def load_model(run_dir: str) -> tuple[nnx.Module, dict]:
-    """The exported model of ``run_dir`` and its metadata (see :func:`export_model`)."""
-    return model_dir.load_model(run_dir, _make_compressor, description_file=EXPORT_FILE)
-
-
-def make_scorer(model: nnx.Module, *, sep_id: int, batch_size: int = 32) -> Scorer:
-    """Keep-logit scorer for a TokenClassifier, surprisal scorer for a causal Qwen3 LM."""
-    if isinstance(model, TokenClassifier):
-        return keep_scorer(model, sep_id=sep_id, batch_size=batch_size)
-    return surprisal_scorer(model, sep_id=sep_id, batch_size=batch_size)
-
-
-def load_compressor(run_dir: str, *, batch_size: int = 32) -> tuple[Scorer, Tokenizer]:
-    """(scorer, tokenizer) of a trained run: ``scorer(question_rows, cot_rows)`` -> scores."""
-    model, meta = load_model(run_dir)
-    tokenizer = load_tokenizer(os.path.join(run_dir, meta["tokenizer"]))
-    return make_scorer(model, sep_id=meta["sep_id"], batch_size=batch_size), tokenizer
-
-
-def compress_batch(scorer: Scorer, question_ids: Sequence[Sequence[int]],
-                   cot_ids: Sequence[Sequence[int]], ratios: Sequence[float], *,
-                   units: Sequence[np.ndarray] | None = None,
-                   priority: Sequence[np.ndarray] | None = None
-                   ) -> list[dict[float, list[int]]]:
-    """Compressed CoT ids of every row at every ratio, from ONE forward pass.
-
-    Row b at ratio g keeps ``data.compression.num_kept(N_b, g)`` tokens (top keep-scores,
-    ties to the earlier token) in their original order. With ``units`` (row b's unit id
-    per token, e.g. ``data.compression.sentence_units``) whole units are kept instead,
-    at most that many tokens (``data.compression.unit_keep_mask``, with row b's
-    ``priority`` when given).
-    """
-    scores, lengths = scorer.padded(question_ids, cot_ids)
-    if units is None:
-        masks = {float(g): keep_mask_batch(scores, lengths, float(g)) for g in ratios}
-    else:
-        if len(units) != len(cot_ids):
-            raise ValueError(f"units has {len(units)} rows for {len(cot_ids)} chains")
-        masks = {float(g): [unit_keep_mask(scores[b, :lengths[b]], units[b], float(g),
-                                           priority=None if priority is None else priority[b])
-                            for b in range(len(cot_ids))] for g in ratios}
-    return [{g: [int(t) for t, k in zip(cot_ids[b], m[b]) if k] for g, m in masks.items()}
-            for b in range(len(cot_ids))]
-
-
 # ----------------------------------------------------------------------------- main
 
 def _tokenizer(config, run_dir: str) -> Tokenizer:
@@ -400,7 +338,7 @@ def main(config: ml_collections.ConfigDict) -> dict:
     if isinstance(model, TokenClassifier):
         metadata.update(num_grades=model.num_grades, keep_grade=model.keep_grade)
     model, stats = train(config, model, ids, grades, run_dir=run_dir, metadata=metadata)
-    export_model(model, run_dir, metadata, step=config.train.steps)
+    save_compressor(model, run_dir, metadata, step=config.train.steps)
     scorer = make_scorer(model, sep_id=sep_id, batch_size=config.eval.batch_size)
     keep_grade = KEEP_GRADE[config.labels.keep]
     results = {**stats, **evaluate(scorer, eval_examples, ratios=config.eval.ratios,

@@ -15,6 +15,7 @@ compressor for the generic baseline:
 Usage::
 
     scorer = keep_scorer(model, sep_id=tokenizer.token_to_id("[SEP]"))
+    scorer = load_scorer(run_dir)              # or the model a compressor run exported
     scores = scorer(question_rows, cot_rows)   # list of float32 [N_b], one forward pass
     # then any ratio: data.compression.keep_mask(scores[b], ratio)
 
@@ -36,11 +37,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import model_dir
 from models.encoder import TokenClassifier
-from models.qwen3 import Qwen3
+from models.qwen3 import Qwen3, Qwen3Config
 from models.training import next_token_logprobs
 
-__all__ = ["Scorer", "keep_scorer", "surprisal_scorer", "pad_rows"]
+__all__ = ["Scorer", "keep_scorer", "surprisal_scorer", "pad_rows", "COMPRESSOR_FILE",
+           "save_compressor", "load_compressor_model", "make_scorer", "load_scorer"]
+
+COMPRESSOR_FILE = "compressor.json"
+"""The description beside an exported compressor's parameters (models.model_dir)."""
 
 
 def pad_rows(rows: Sequence[Sequence[int]], *, width: int, pad_id: int = 0,
@@ -142,3 +148,42 @@ def surprisal_scorer(lm: Qwen3, *, sep_id: int | None, batch_size: int = 32,
         raise TypeError(f"surprisal_scorer needs a Qwen3 LM, got {type(lm).__name__}")
     return Scorer(lm, _surprisal, kind="surprisal", suffix=() if sep_id is None else (sep_id,),
                   batch_size=batch_size, bucket=bucket)
+
+
+# ----------------------------------------------------------------------------- export / load
+
+def save_compressor(model: nnx.Module, directory: str, description: dict, *,
+                    step: int = 0) -> None:
+    """Write a trained compressor to ``<directory>/model`` and ``description`` to
+    ``compressor.json`` (``models.model_dir.save_model``). ``description`` holds
+    ``kind`` ('formula' | 'surprisal'), ``architecture`` (the Qwen3Config fields),
+    ``sep_id`` and, for a classifier, ``num_grades`` and ``keep_grade``."""
+    model_dir.save_model(model, directory, description=description,
+                         description_file=COMPRESSOR_FILE, step=step)
+
+
+def _make_compressor(description: dict) -> nnx.Module:
+    arch = Qwen3Config(**description["architecture"])
+    if description["kind"] == "surprisal":
+        return Qwen3(arch, rngs=nnx.Rngs(0))
+    return TokenClassifier(arch, num_grades=description["num_grades"],
+                           keep_grade=description["keep_grade"], rngs=nnx.Rngs(0))
+
+
+def load_compressor_model(directory: str) -> tuple[nnx.Module, dict]:
+    """The compressor exported by :func:`save_compressor` and its description."""
+    return model_dir.load_model(directory, _make_compressor, description_file=COMPRESSOR_FILE)
+
+
+def make_scorer(model: nnx.Module, *, sep_id: int, batch_size: int = 32) -> Scorer:
+    """Keep-logit scorer for a TokenClassifier, surprisal scorer for a causal Qwen3 LM."""
+    if isinstance(model, TokenClassifier):
+        return keep_scorer(model, sep_id=sep_id, batch_size=batch_size)
+    return surprisal_scorer(model, sep_id=sep_id, batch_size=batch_size)
+
+
+def load_scorer(directory: str, *, batch_size: int = 32) -> tuple[Scorer, dict]:
+    """(scorer, description) of the compressor exported to ``directory``:
+    ``scorer(question_rows, cot_rows)`` -> scores."""
+    model, description = load_compressor_model(directory)
+    return make_scorer(model, sep_id=description["sep_id"], batch_size=batch_size), description

@@ -1,6 +1,7 @@
 """experiments/train_compressor.py: a training run on the test config, the compress API,
 label grades and the quality metrics."""
 import math
+import os
 
 import jax
 import numpy as np
@@ -8,10 +9,12 @@ import pytest
 from flax import nnx
 
 from data.arithmetic import generate_problem
-from data.compression import num_kept, sentence_units, unit_keep_mask
+from data.compression import compress_batch, num_kept, sentence_units, unit_keep_mask
 from data.formats import SEP
+from data.tokenizers import load_tokenizer
 from experiments import cli
 from experiments import train_compressor as tc
+from models.compressor import load_compressor_model, load_scorer
 
 CONFIG = "experiments/configs/compressor_test.py"
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -28,7 +31,8 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(run):
     config, _ = run
-    scorer, tokenizer = tc.load_compressor(config.run_dir, batch_size=4)
+    scorer, meta = load_scorer(config.run_dir, batch_size=4)
+    tokenizer = load_tokenizer(os.path.join(config.run_dir, meta["tokenizer"]))
     examples = tc.annotate([generate_problem(99, i) for i in range(6)], tokenizer)
     return scorer, tokenizer, examples
 
@@ -41,7 +45,7 @@ def test_training_lowers_the_loss_on_held_out_rows(run, trained):
                                   keep=config.labels.keep, grading=config.labels.grading)
     batch = tc.sample_batch(ids, grades, step=0, seed=5, batch_tokens=1024, bucket=256)
     initial = tc.build_model(config, tokenizer.vocab_size, rngs=nnx.Rngs(config.seed))
-    final, meta = tc.load_model(config.run_dir)
+    final, meta = load_compressor_model(config.run_dir)
     assert meta["kind"] == "formula" and meta["keep_grade"] == tc.GRADE_SUPPORTING
 
     @jax.jit
@@ -61,7 +65,7 @@ def test_compress_keeps_round_g_n_tokens_in_order_from_one_forward_pass(trained)
     try:
         questions = [e.question_ids for e in examples]
         cots = [e.cot_ids.tolist() for e in examples]
-        out = tc.compress_batch(scorer, questions, cots, RATIOS)
+        out = compress_batch(scorer, questions, cots, RATIOS)
         assert len(calls) == math.ceil(len(examples) / scorer.batch_size)  # all ratios, one pass
         scores = scorer(questions, cots)
     finally:
@@ -81,7 +85,7 @@ def test_compress_with_sentence_units_keeps_whole_sentences(trained):
     cots = [e.cot_ids.tolist() for e in examples]
     pieces = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
     units = [sentence_units([pieces[t] for t in cot]) for cot in cots]
-    out = tc.compress_batch(scorer, questions, cots, RATIOS, units=units)
+    out = compress_batch(scorer, questions, cots, RATIOS, units=units)
     scores = scorer(questions, cots)
     for row, cot, u, s in zip(out, cots, units, scores):
         for g in RATIOS:
@@ -91,7 +95,7 @@ def test_compress_with_sentence_units_keeps_whole_sentences(trained):
             kept_units = {int(x) for x, k in zip(u, mask) if k}
             assert int(mask.sum()) == sum(int((u == x).sum()) for x in kept_units)
     with pytest.raises(ValueError, match="rows"):
-        tc.compress_batch(scorer, questions, cots, RATIOS, units=units[:1])
+        compress_batch(scorer, questions, cots, RATIOS, units=units[:1])
 
 
 def test_second_run_resumes_from_the_checkpoint(run):
