@@ -21,7 +21,7 @@ A stage whose ``<stage>/done.json`` exists is skipped, so a re-run resumes where
 the last one stopped (training stages also resume from their checkpoints);
 ``--config.force=evaluate`` (or a comma list) runs finished stages again. A
 resumed run may change every key that no started stage has read
-(``--config.rl.steps=40`` before RL began; ``pipeline_blocks.changeable``),
+(``--config.rl.steps=40`` before RL began; ``stages.changeable``),
 ``evaluate.*`` and the logging intervals, and the step count of a forced training
 stage, which then continues from its last checkpoint
 (``--config.force=rl --config.rl.steps=40``); any other change is refused,
@@ -48,8 +48,8 @@ from collections.abc import Mapping, Sequence
 import ml_collections
 
 from experiments import calibrate, cli, compressed_data, evaluate, rl, rundir, sft
-from experiments.configs import pipeline_blocks
-from experiments.configs.pipeline_blocks import EXTRA_STAGES, STAGE_ORDER, selected_stages
+from experiments.configs import pipeline_blocks, stages
+from experiments.configs.stages import EXTRA_STAGES, STAGE_ORDER, selected_stages
 from experiments.datasets import prepare_data
 from models import sharding
 
@@ -60,7 +60,7 @@ DEFAULT_CONFIG = "experiments/configs/default.py"
 RESUMABLE = ("stage", "force", "run_dir", "*.log_every", "*.checkpoint_every", "evaluate.*")
 """Keys that may change in any run directory (``run_dir``: a directory moved or copied to
 branch off); a stage block's keys may also change until a stage that reads them has
-started (``pipeline_blocks.changeable``)."""
+started (``stages.changeable``)."""
 
 
 def stage_functions() -> dict:
@@ -133,11 +133,11 @@ def run_stages(config: ml_collections.ConfigDict, *, only: Mapping | None = None
     run, functions = rundir.Run(config.run_dir), stage_functions()
     started = [s for s in STAGE_ORDER + EXTRA_STAGES if os.path.lexists(run.path(s))]
     changes = cli.config_changes(config, config.run_dir)
-    free = tuple(k for k, _, _ in changes if pipeline_blocks.changeable(k, started, forced))
+    free = tuple(k for k, _, _ in changes if stages.changeable(k, started, forced))
     cli.write_run_config(config, config.run_dir, resumable=RESUMABLE + free,
                          defaults=pipeline_blocks.base_config())       # process 0 writes
     for key, old, new in changes:     # allowed, but a finished stage does not see it
-        stale = [s for s in pipeline_blocks.key_readers(key)
+        stale = [s for s in stages.key_readers(key)
                  if run.done(s) and s not in forced]
         if stale and not key.endswith(("log_every", "checkpoint_every")):
             say(f"warning: {key} changed ({old} -> {new}) but stage(s) {stale} finished "

@@ -3,7 +3,7 @@
 A pipeline config (default.py, test.py, qwen3_*.py) is ``base_config()`` with
 some values changed. Keys, by block:
 
-    seed, run_dir, stage ('all' or a comma list of STAGE_ORDER)
+    seed, run_dir, stage ('all' or a comma list of stages.STAGE_ORDER)
     data           source ('arithmetic' | 'benchmarks'), arithmetic (data.arithmetic
                    .ArithmeticConfig fields), sizes/seeds per split, tokenizer
     model          source ('config' | 'hf'), architecture of a fresh decoder or hf_path
@@ -17,7 +17,6 @@ some values changed. Keys, by block:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
 
 import ml_collections
 from ml_collections import config_dict
@@ -27,9 +26,10 @@ from data.arithmetic import ArithmeticConfig
 from data.formats import LEVELS
 from experiments import cli
 from experiments.configs import compressor as compressor_configs
+from experiments.configs.stages import STAGE_ORDER, selected_stages
 from experiments.rundir import model_config
-from models.qwen3 import DTYPES
 from models.optim import default_optimizer_config, make_optimizer
+from models.qwen3 import DTYPES
 
 SOURCES = ("arithmetic", "benchmarks")
 MODEL_SOURCES = ("config", "hf")
@@ -58,63 +58,6 @@ def sft_block(*, init: str, steps: int, learning_rate: float, batch_tokens: int 
                                        warmup=0.05, weight_decay=0.05, grad_clip=1.0,
                                        min_lr_ratio=0.1)
     return b
-
-
-STAGE_ORDER = ("data", "sft_base", "compressor", "selfcot", "compress", "sft_mixed",
-               "calibrate", "sft_policy", "rl", "sft_tokenskip", "evaluate")
-"""The main job's stages in the order they run (experiments/pipeline.py runs them)."""
-EXTRA_STAGES = ("evaluate_val",)   # run only when named: tuning happens on validation
-
-
-def selected_stages(stage: str, only: Mapping | None = None) -> list[str]:
-    """Stages named by ``config.stage`` ('all' or a comma list), limited to ``only``."""
-    known = STAGE_ORDER + EXTRA_STAGES
-    names = list(STAGE_ORDER) if stage == "all" else [s.strip() for s in stage.split(",")]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise cli.ConfigError(f"config key 'stage': unknown stages {unknown}; "
-                              f"valid: all or a comma list of {known}")
-    if only is not None:
-        names = [n for n in names if n in only]
-        if not names:
-            raise cli.ConfigError(f"config key 'stage' = {stage!r}: this script runs "
-                                  f"{tuple(only)}; pass --config.stage=<one of them>")
-    return [n for n in known if n in names]
-
-
-READERS = {"compressor": ("compressor", "data"), "compressor_baseline": ("compressor",),
-           "rl.budget": ("rl", "sft_policy", "evaluate"),
-           "rl.budget_targets": ("rl", "sft_policy"),
-           "rl.allocation_buckets": ("rl", "sft_policy")}
-"""The stages that read a config block or key where that is more than the block's own
-stage (the longest matching prefix wins): the data stage writes the compressor's
-held-out problems, the compressor stage trains both compressors, the warm start's
-targets follow the budget, and a budget adds the budget decode to the evaluation."""
-
-TRAINING_STAGES = ("sft_base", "sft_mixed", "sft_policy", "rl", "sft_tokenskip")
-
-
-def key_readers(key: str) -> tuple[str, ...]:
-    """The stages whose work depends on the dotted config ``key`` (() for a global key
-    such as ``model.*`` or ``seed``, which every stage reads)."""
-    parts = key.split(".")
-    for n in range(len(parts), 0, -1):
-        prefix = ".".join(parts[:n])
-        if prefix in READERS:
-            return READERS[prefix]
-    return (parts[0],) if parts[0] in STAGE_ORDER + EXTRA_STAGES else ()
-
-
-def changeable(key: str, started: Sequence[str], forced: Sequence[str] = ()) -> bool:
-    """May ``key`` change in a run directory where the ``started`` stages have begun?
-    Yes when no started stage read it, and for the step count of a training stage that
-    is ``forced`` (it is extended from its last checkpoint: experiments/pipeline.py)."""
-    readers = key_readers(key)
-    if readers and not set(readers) & set(started):
-        return True
-    stage = key.split(".")[0]
-    return stage in TRAINING_STAGES and stage in forced and key in (
-        f"{stage}.steps", f"{stage}.optim.total_steps")
 
 
 def _check_local_files(config: ml_collections.ConfigDict) -> None:

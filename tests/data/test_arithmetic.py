@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from data.arithmetic import (ArithmeticConfig, Problem, align_spans, check_equation, describe,
+from data.arithmetic import (ArithmeticConfig, Problem, align_spans, check_equation,
                              generate_problems, load_problems, problem_to_json, save_problems,
                              tokenizer_corpus)
+from data.arithmetic_stats import describe
 from data.compression import PROTECT_RATIOS, keep_mask
 from data.tokenizers import train_sentencepiece
 

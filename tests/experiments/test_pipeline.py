@@ -12,7 +12,7 @@ from data.arithmetic import load_problems
 from data.compression import level_for_ratio
 from data.formats import LEVELS
 from experiments import cli, pipeline, rundir
-from experiments.configs import pipeline_blocks
+from experiments.configs import stages
 
 TEST_CONFIG = "experiments/configs/test.py"
 
@@ -71,12 +71,12 @@ def test_a_stage_without_its_inputs_names_the_stages_to_run_first(tmp_path):
 
 def test_default_config_is_valid_and_runs_every_stage():
     config = parse(config="experiments/configs/default.py")
-    assert pipeline_blocks.selected_stages(config.stage) == list(pipeline_blocks.STAGE_ORDER)
-    assert pipeline_blocks.selected_stages("rl, data") == ["data", "rl"]
-    assert "evaluate_val" not in pipeline_blocks.selected_stages("all")   # only when named
-    assert pipeline_blocks.selected_stages("evaluate_val,evaluate") == ["evaluate", "evaluate_val"]
+    assert stages.selected_stages(config.stage) == list(stages.STAGE_ORDER)
+    assert stages.selected_stages("rl, data") == ["data", "rl"]
+    assert "evaluate_val" not in stages.selected_stages("all")   # only when named
+    assert stages.selected_stages("evaluate_val,evaluate") == ["evaluate", "evaluate_val"]
     from experiments import sft
-    assert pipeline_blocks.selected_stages("all", sft.STAGES) == [
+    assert stages.selected_stages("all", sft.STAGES) == [
         "sft_base", "sft_mixed", "sft_policy", "sft_tokenskip"]
 
 
@@ -103,7 +103,7 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     pipeline.main(config)
     out = capsys.readouterr().out
     run = rundir.Run(run_dir)
-    for stage in pipeline_blocks.STAGE_ORDER:
+    for stage in stages.STAGE_ORDER:
         summary = run.summary(stage)
         assert summary["seconds"] > 0, stage
     for split in ("sft", "rl", "val", "test"):
@@ -209,7 +209,7 @@ def fake_stages(monkeypatch):
             run.stage_dir(name)           # as every real stage does first
             return {"fake": True}
         return fn
-    names = pipeline_blocks.STAGE_ORDER + pipeline_blocks.EXTRA_STAGES
+    names = stages.STAGE_ORDER + stages.EXTRA_STAGES
     monkeypatch.setattr(pipeline, "stage_functions", lambda: {n: fake(n) for n in names})
     return calls
 

@@ -8,7 +8,7 @@ from flax import nnx
 from data.arithmetic import ArithmeticConfig, generate_problems, tokenizer_corpus
 from data.tokenizers import load_tokenizer
 from experiments import cli, pipeline, rundir
-from experiments.configs import pipeline_blocks
+from experiments.configs import stages
 from models.hf import save_hf
 from models.qwen3 import Qwen3, Qwen3Config
 
@@ -119,7 +119,7 @@ def test_smoke_preset_runs_every_stage_on_an_hf_checkpoint(kind, stand_ins, tmp_
                         *local_files(tok_path, hf_dir)])
     pipeline.main(config)
     run = rundir.Run(config.run_dir)
-    assert all(run.done(s) for s in pipeline_blocks.STAGE_ORDER)
+    assert all(run.done(s) for s in stages.STAGE_ORDER)
     want = "HFTokenizer" if kind == "tokenizer.json" else "SentencePieceTokenizer"
     assert type(load_tokenizer(run.tokenizer_path())).__name__ == want
     rows = rundir.read_jsonl(run.path("compress", "formula.jsonl"))
