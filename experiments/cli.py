@@ -355,19 +355,23 @@ def _flat_json(tree: Any, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: json.dumps(tree, sort_keys=True)}
 
 
-def config_changes(config: ml_collections.ConfigDict, run_dir: str | os.PathLike
+def config_changes(config: ml_collections.ConfigDict, run_dir: str | os.PathLike, *,
+                   defaults: ml_collections.ConfigDict | None = None
                    ) -> list[tuple[str, str, str]]:
     """``(dotted key, old, new)`` for each key where ``config`` differs from the
     ``config.json`` of ``run_dir`` (values as JSON text, '<absent>' on one side); []
-    when the run has no config yet."""
+    when the run has no config yet. With ``defaults``, a key the old run lacks whose
+    new value is its default is an extension (see :func:`write_run_config`), not listed."""
     path = os.path.join(os.fspath(run_dir), CONFIG_FILE)
     if not os.path.exists(path):
         return []
     with open(path) as f:
         a = _flat_json(json.load(f))
     b = _flat_json(to_json_dict(config))
+    base = _flat_json(to_json_dict(defaults)) if defaults is not None else {}
     return [(k, a.get(k, "<absent>"), b.get(k, "<absent>"))
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and not (k not in a and k in base and base[k] == b.get(k))]
 
 
 def write_run_config(config: ml_collections.ConfigDict, run_dir: str | os.PathLike, *,

@@ -132,10 +132,11 @@ def run_stages(config: ml_collections.ConfigDict, *, only: Mapping | None = None
     os.makedirs(config.run_dir, exist_ok=True)
     run, functions = rundir.Run(config.run_dir), stage_functions()
     started = [s for s in STAGE_ORDER + EXTRA_STAGES if os.path.lexists(run.path(s))]
-    changes = cli.config_changes(config, config.run_dir)
+    defaults = pipeline_blocks.base_config()
+    changes = cli.config_changes(config, config.run_dir, defaults=defaults)
     free = tuple(k for k, _, _ in changes if stages.changeable(k, started, forced))
     cli.write_run_config(config, config.run_dir, resumable=RESUMABLE + free,
-                         defaults=pipeline_blocks.base_config())       # process 0 writes
+                         defaults=defaults)       # process 0 writes
     for key, old, new in changes:     # allowed, but a finished stage does not see it
         stale = [s for s in stages.key_readers(key)
                  if run.done(s) and s not in forced]

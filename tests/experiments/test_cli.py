@@ -203,3 +203,8 @@ def test_a_key_added_with_its_default_does_not_block_a_resume(tmp_path):
         cli.write_run_config(other, run_dir, write=True, defaults=defaults)
     with pytest.raises(cli.ConfigError, match=r"rl.budget_mode: <absent> -> \"dual\""):
         cli.write_run_config(extended, run_dir, write=True)           # no defaults given
+    # nor is it a change the pipeline warns about; another value of it is
+    assert cli.config_changes(extended, run_dir, defaults=defaults) == []
+    assert cli.config_changes(extended, run_dir) == [("rl.budget_mode", "<absent>", '"dual"')]
+    assert cli.config_changes(other, run_dir, defaults=defaults) == [
+        ("rl.budget_mode", "<absent>", '"pid"')]
