@@ -27,13 +27,14 @@ sampled); the policy warm start reads the CoTs.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 
 from data.formats import LEVELS
-from experiments import rundir
+from experiments import cli, rundir
 from experiments.datasets import read_questions
 from experiments.rollouts import answer_questions, place_model
 from models import sharding
@@ -155,10 +156,16 @@ def calibrate(config, run: rundir.Run) -> dict:
     questions = read_questions(run.path("data", "rl.jsonl"))
     mesh = sharding.mesh_from_config(config.get("mesh"))     # docs/scaling.md
     model = place_model(rundir.load_model(run.path("sft_mixed")), mesh)
+    # every answer pass kept in chunks as it is made: a killed stage resumes where it was
+    partial = os.path.join(run.stage_dir("calibrate"), "partial")
+    resume = os.path.join(partial, rundir.fingerprint({
+        "calibrate": cli.to_json_dict(block), "seed": config.seed,
+        "model": rundir.stage_record(run, "sft_mixed"), "uids": [q.uid for q in questions]}))
     by_level = {level: answer_questions(model, tok, questions, control=level,
                                         batch_size=block.batch_size,
                                         max_new_tokens=block.max_new_tokens,
-                                        desc=f"calibrate <COMP_{level}>")
+                                        desc=f"calibrate <COMP_{level}>",
+                                        resume_dir=os.path.join(resume, f"{level}"))
                 for level in LEVELS}
     samples = block.get("samples", 0)
     hits = {level: np.array([j.correct for j in by_level[level]], np.float64) for level in LEVELS}
@@ -169,7 +176,8 @@ def calibrate(config, run: rundir.Run) -> dict:
                                       batch_size=block.batch_size,
                                       max_new_tokens=block.max_new_tokens,
                                       temperature=block.temperature, key=key,
-                                      desc=f"calibrate <COMP_{level}> sample {s + 1}")
+                                      desc=f"calibrate <COMP_{level}> sample {s + 1}",
+                                      resume_dir=os.path.join(resume, f"{level}_sample{s}"))
             hits[level] += [j.correct for j in judged]
     rows = []
     for i, q in enumerate(questions):
@@ -185,6 +193,8 @@ def calibrate(config, run: rundir.Run) -> dict:
         if samples:
             rows[-1]["accuracy"] = {str(lv): hits[lv][i] / (1 + samples) for lv in LEVELS}
     rundir.write_jsonl(os.path.join(run.stage_dir("calibrate"), "calibration.jsonl"), rows)
+    if sharding.is_main_process():
+        shutil.rmtree(partial, ignore_errors=True)
     summary = {"questions": len(rows),
                "with_target": sum(r["target"] is not None for r in rows) / max(len(rows), 1)}
     for level in LEVELS:

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ import numpy as np
 from data.compression import (CompressedCoT, complete_questions, compress_batch, rebucket,
                               sentence_units)
 from data.formats import EQUATION_TEXT, LEVELS, THINK_OPEN, build_prompt
-from experiments import rundir, train_compressor
+from experiments import cli, rundir, train_compressor
 from experiments.datasets import read_questions
 from experiments.rollouts import answer_questions, place_model
 from models import sharding
@@ -77,8 +78,14 @@ def selfcot(config, run: rundir.Run) -> dict:
     questions = questions[:block.num_questions]
     mesh = sharding.mesh_from_config(config.get("mesh"))     # docs/scaling.md
     model = place_model(rundir.load_model(run.path("sft_base")), mesh)
+    # chunks of answers kept as they are made: a killed stage resumes where it was
+    partial = os.path.join(run.stage_dir("selfcot"), "partial")
+    resume = os.path.join(partial, rundir.fingerprint({
+        "selfcot": cli.to_json_dict(block), "model": rundir.stage_record(run, "sft_base"),
+        "uids": [q.uid for q in questions]}))
     judged = answer_questions(model, tok, questions, control=None, batch_size=block.batch_size,
-                              max_new_tokens=block.max_new_tokens, desc="selfcot")
+                              max_new_tokens=block.max_new_tokens, desc="selfcot",
+                              resume_dir=resume)
     rows = [{"uid": q.uid, "cot_ids": list(j.cot_ids), "think_length": j.think_length,
              "source": "model"} for q, j in zip(questions, judged) if j.correct and j.cot_ids]
     correct = len(rows)
@@ -87,6 +94,8 @@ def selfcot(config, run: rundir.Run) -> dict:
         rows += [{"uid": q.uid, "cot_ids": tok.encode(q.cot), "think_length": -1,
                   "source": "reference"} for q in questions if q.uid not in own]
     rundir.write_jsonl(os.path.join(run.stage_dir("selfcot"), "cots.jsonl"), rows)
+    if sharding.is_main_process():
+        shutil.rmtree(partial, ignore_errors=True)
     return {"questions": len(questions), "kept": len(rows),
             "accuracy": correct / max(len(questions), 1),
             "think_tokens": float(np.mean([j.think_length for j in judged]))}

@@ -32,7 +32,6 @@ written by process 0 only (every process computes the same rows).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -237,12 +236,11 @@ def _fingerprint(config, run: rundir.Run, questions) -> str:
     the RL budget and the models' stages (their done.json); a partial answer file made
     under another fingerprint is never read."""
     stages = sorted(set(METHOD_STAGES.values()))
-    done = {s: open(run.path(s, rundir.DONE_FILE)).read() if run.done(s) else None
-            for s in stages}
-    blob = json.dumps({"evaluate": cli.to_json_dict(config.evaluate),
-                       "budget": config.rl.get("budget") if "rl" in config else None,
-                       "uids": [q.uid for q in questions], "done": done}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return rundir.fingerprint({
+        "evaluate": cli.to_json_dict(config.evaluate),
+        "budget": config.rl.get("budget") if "rl" in config else None,
+        "uids": [q.uid for q in questions],
+        "done": {s: rundir.stage_record(run, s) for s in stages}})
 
 
 def evaluate(config, run: rundir.Run, *, split: str = "test") -> dict:

@@ -25,6 +25,7 @@ the answer with ``data.answers.is_equivalent`` (never ``eval``)::
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import jax
@@ -37,6 +38,7 @@ from data.answers import is_equivalent
 from data.formats import Control, build_prompt, parse_response
 from data.tokenizers import Tokenizer
 from experiments.datasets import Question, bucket_width, pad_left
+from experiments.rundir import read_jsonl, write_jsonl
 from models import sharding
 from models.qwen3 import Qwen3
 from models.sampling import generate, score
@@ -61,6 +63,14 @@ class Judged:
         return {"valid": self.valid, "correct": self.correct, "level": self.level,
                 "think_length": self.think_length, "answer": self.answer,
                 "response": self.text}
+
+    @classmethod
+    def from_row(cls, row: dict) -> Judged:
+        """The verdict that ``{**row(), 'cot_ids': [...]}`` was written from."""
+        return cls(valid=bool(row["valid"]), correct=bool(row["correct"]), level=row["level"],
+                   think_length=int(row["think_length"]),
+                   cot_ids=tuple(int(i) for i in row["cot_ids"]), answer=row["answer"],
+                   text=row["response"])
 
 
 def place_model(model: Qwen3, mesh: Mesh) -> Qwen3:
@@ -90,10 +100,12 @@ def generate_responses(model: Qwen3, prompts: Sequence[Sequence[int]], *, tokeni
                        batch_size: int, max_new_tokens: int, temperature: float = 0.0,
                        key: jax.Array | None = None, prompt_bucket: int = 32,
                        prompt_width: int | None = None, mesh: Mesh | None = None,
-                       desc: str | None = None) -> list[np.ndarray]:
+                       desc: str | None = None, batch_offset: int = 0) -> list[np.ndarray]:
     """Response ids of every prompt (through the stop token ``<|im_end|>`` when emitted).
 
-    ``key`` is needed when ``temperature > 0``; batch b draws with ``fold_in(key, b)``.
+    ``key`` is needed when ``temperature > 0``; batch b draws with
+    ``fold_in(key, batch_offset + b)`` (``batch_offset``: the batches that came before,
+    when the prompts are a later chunk of a longer list).
     ``prompt_width`` fixes the padded prompt width (default: the longest prompt
     rounded up to a multiple of ``prompt_bucket``). ``mesh``: decode with the rows
     of each batch (``batch_size`` rounded up to a multiple of
@@ -127,7 +139,8 @@ def generate_responses(model: Qwen3, prompts: Sequence[Sequence[int]], *, tokeni
         result = generate(graphdef, state, ids, mask, max_new_tokens=max_new_tokens,
                           temperature=temperature, stop_ids=(tokenizer.eos_id,),
                           pad_id=tokenizer.pad_id,
-                          key=None if key is None else jax.random.fold_in(key, b))
+                          key=None if key is None else jax.random.fold_in(
+                              key, batch_offset + b))
         tokens, lengths = sharding.to_host((result.tokens, result.lengths))
         out.extend(tokens[r, :lengths[r]].copy() for r in range(real))
         bar.update(real)
@@ -158,7 +171,8 @@ def answer_questions(model: Qwen3, tokenizer: Tokenizer, questions: Sequence[Que
                      control: Control, batch_size: int, max_new_tokens: int,
                      temperature: float = 0.0, key: jax.Array | None = None,
                      mesh: Mesh | None = None, levels: Sequence[int] | None = None,
-                     desc: str | None = None) -> list[Judged]:
+                     desc: str | None = None, resume_dir: str | None = None,
+                     chunk_batches: int = 4) -> list[Judged]:
     """Greedy (or sampled) answers to ``questions`` in one mode, judged.
 
     ``control``: None (base mode), a level (``<COMP_xx>`` prompts, the response
@@ -166,7 +180,69 @@ def answer_questions(model: Qwen3, tokenizer: Tokenizer, questions: Sequence[Que
     only): one level per question that opens its response (``<COMP_level>`` is
     forced, the rest decoded), as the RL stage's forced rollouts are. ``mesh`` and
     ``desc`` (a progress bar): see :func:`generate_responses`.
+
+    ``resume_dir``: answer in chunks of ``chunk_batches * batch_size`` questions and
+    keep each chunk's verdicts in ``<resume_dir>/<first question>.jsonl`` (process 0
+    writes) as soon as it is judged; a chunk found there is read back, not answered
+    again, so a killed stage resumes at its first unfinished chunk. The chunks share
+    one prompt width and the batch numbering of the whole list, so the answers are
+    those of one call without ``resume_dir`` (greedy or sampled). The caller names
+    the directory after everything the answers depend on and removes it when done.
     """
+    if resume_dir is not None:
+        return _answer_in_chunks(model, tokenizer, questions, control=control,
+                                 batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, key=key, mesh=mesh, levels=levels,
+                                 desc=desc, resume_dir=resume_dir, chunk_batches=chunk_batches)
+    return _answer(model, tokenizer, questions, control=control, batch_size=batch_size,
+                   max_new_tokens=max_new_tokens, temperature=temperature, key=key, mesh=mesh,
+                   levels=levels, desc=desc)
+
+
+def _answer_in_chunks(model, tokenizer, questions, *, resume_dir: str, chunk_batches: int,
+                      batch_size: int, control: Control, levels, desc, **kwargs) -> list[Judged]:
+    if isinstance(chunk_batches, bool) or not isinstance(chunk_batches, int) or chunk_batches < 1:
+        raise ValueError(f"chunk_batches={chunk_batches!r} must be an int >= 1")
+    if not questions:
+        return []
+    size = chunk_batches * batch_size
+    width = bucket_width(max(len(build_prompt(tokenizer, q.question, control=control))
+                             for q in questions) + (levels is not None), 32)
+    starts = range(0, len(questions), size)
+    paths = [os.path.join(resume_dir, f"{start:07d}.jsonl") for start in starts]
+    before = {p for p in paths if os.path.exists(p)}      # decided once: every process alike
+    if sharding.is_main_process():
+        os.makedirs(resume_dir, exist_ok=True)
+    out: list[Judged] = []
+    bar = tqdm.tqdm(total=len(questions), desc=desc, unit="q", leave=False,
+                    disable=desc is None or len(questions) <= batch_size
+                    or not sharding.is_main_process())
+    for start, path in zip(starts, paths):
+        part = questions[start:start + size]
+        if path in before:
+            rows = read_jsonl(path)
+            if [r.get("uid") for r in rows] != [q.uid for q in part]:
+                raise ValueError(f"{path}: its {len(rows)} verdicts are not those of this "
+                                 f"chunk's {len(part)} questions; remove {resume_dir} to "
+                                 "answer them again")
+            judged = [Judged.from_row(r) for r in rows]
+        else:
+            judged = _answer(model, tokenizer, part, control=control, batch_size=batch_size,
+                             levels=None if levels is None else levels[start:start + size],
+                             prompt_width=width, batch_offset=start // batch_size, **kwargs)
+            write_jsonl(path, [{**j.row(), "cot_ids": list(j.cot_ids), "uid": q.uid}
+                               for q, j in zip(part, judged)])
+        out += judged
+        bar.update(len(part))
+    bar.close()
+    return out
+
+
+def _answer(model: Qwen3, tokenizer: Tokenizer, questions: Sequence[Question], *,
+            control: Control, batch_size: int, max_new_tokens: int, temperature: float = 0.0,
+            key: jax.Array | None = None, mesh: Mesh | None = None,
+            levels: Sequence[int] | None = None, desc: str | None = None,
+            prompt_width: int | None = None, batch_offset: int = 0) -> list[Judged]:
     prompts = [build_prompt(tokenizer, q.question, control=control) for q in questions]
     forced: list[list[int]] = [[] for _ in questions]
     if levels is not None:
@@ -181,7 +257,8 @@ def answer_questions(model: Qwen3, tokenizer: Tokenizer, questions: Sequence[Que
     responses = generate_responses(model, [p + f for p, f in zip(prompts, forced)],
                                    tokenizer=tokenizer, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, temperature=temperature,
-                                   key=key, mesh=mesh, desc=desc)
+                                   key=key, mesh=mesh, desc=desc, prompt_width=prompt_width,
+                                   batch_offset=batch_offset)
     return [judge(tokenizer, np.concatenate([np.asarray(f, np.int32), r]), q.answer,
                   expect_control=control is not None)
             for f, r, q in zip(forced, responses, questions)]

@@ -23,6 +23,7 @@ exported after each training stage as Orbax params under ``<stage>/model``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -180,6 +181,24 @@ def load_model(stage_dir: str) -> Qwen3:
     return model_dir.load_model(stage_dir, lambda arch: Qwen3(Qwen3Config(**arch),
                                                               rngs=nnx.Rngs(0)),
                                 description_file=MODEL_FILE)[0]
+
+
+def fingerprint(payload: Any) -> str:
+    """16 hex digits of the SHA-256 of ``payload`` as sorted-key JSON: the name of a
+    directory of partial work (e.g. ``<stage>/partial/<fingerprint>``) made from the
+    settings, inputs and models it depends on, so that work made under other ones is
+    never read back."""
+    blob = json.dumps(payload, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def stage_record(run: Run, stage: str) -> str | None:
+    """The text of ``stage``'s done.json (None if not done): what identifies the model
+    or files that stage made, for a fingerprint."""
+    if not run.done(stage):
+        return None
+    with open(run.path(stage, DONE_FILE)) as f:
+        return f.read()
 
 
 # ----------------------------------------------------------------------------- JSONL
