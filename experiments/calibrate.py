@@ -154,7 +154,7 @@ def calibrate(config, run: rundir.Run) -> dict:
     tok = run.tokenizer()
     block = config.calibrate
     questions = read_questions(run.path("data", "rl.jsonl"))
-    mesh = sharding.mesh_from_config(config.get("mesh"))     # docs/scaling.md
+    mesh = run.mesh(config)     # docs/scaling.md
     model = place_model(rundir.load_model(run.path("sft_mixed")), mesh)
     # every answer pass kept in chunks as it is made: a killed stage resumes where it was
     partial = os.path.join(run.stage_dir("calibrate"), "partial")

@@ -65,7 +65,8 @@ def compressor(config, run: rundir.Run) -> dict:
         names.append(("compressor_baseline", config.compressor_baseline))
     for name, block in names:
         metrics = train_compressor.main(compressor_config(block, run, name=name,
-                                                          mesh=config.get("mesh")))
+                                                          mesh=config.get("mesh")),
+                                        mesh=run.mesh(config))
         out.update({f"{name}/{k}": float(v) for k, v in metrics.items()})
     return out
 
@@ -76,7 +77,7 @@ def selfcot(config, run: rundir.Run) -> dict:
     block = config.selfcot
     questions = read_questions(run.path("data", "sft.jsonl"))
     questions = questions[:block.num_questions]
-    mesh = sharding.mesh_from_config(config.get("mesh"))     # docs/scaling.md
+    mesh = run.mesh(config)     # docs/scaling.md
     model = place_model(rundir.load_model(run.path("sft_base")), mesh)
     # chunks of answers kept as they are made: a killed stage resumes where it was
     partial = os.path.join(run.stage_dir("selfcot"), "partial")

@@ -259,7 +259,7 @@ def evaluate(config, run: rundir.Run, *, split: str = "test") -> dict:
     if sharding.is_main_process():        # process 0 writes (module docstring)
         os.makedirs(partial, exist_ok=True)
     rows, models, decode = [], {}, None       # one model in memory, on config.mesh
-    mesh = sharding.mesh_from_config(config.get("mesh"))
+    mesh = run.mesh(config)
     budget = config.rl.get("budget") if "rl" in config else None
     plan = method_plan(block, budget=budget)
     files = [os.path.join(partial, f"{m}{_control_name(c)}.jsonl".replace("<", "_")

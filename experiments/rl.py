@@ -270,7 +270,7 @@ def rl(config, run: rundir.Run) -> dict:
     by_uid = {r["uid"]: {**r, "target": t} for r, t in zip(rows, targets)}
     calibration = [by_uid[q.uid] for q in questions]
     lcpo = objective.reward.kind in ("lcpo-exact", "lcpo-max")
-    mesh = sharding.mesh_from_config(config.get("mesh"))
+    mesh = run.mesh(config)
     policy = rundir.load_model(run.path(block.init))
     ref_graphdef, ref_state = nnx.split(rundir.load_model(run.path(block.init)))   # frozen
     reference = (ref_graphdef, sharding.place_state(ref_state, mesh)[0])

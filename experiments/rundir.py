@@ -46,10 +46,21 @@ MODEL_FILE = "model.json"   # the architecture beside <stage_dir>/model
 
 
 class Run:
-    """Paths of one pipeline run."""
+    """Paths of one pipeline run, and its device mesh."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.root = os.fspath(run_dir)
+        self._mesh: tuple[str, Any] | None = None
+
+    def mesh(self, config: ml_collections.ConfigDict) -> Any:
+        """The device mesh of ``config.mesh`` (``models.sharding.mesh_from_config``),
+        built once per run and shared by every stage that runs in it (built again only
+        if a later config names another mesh)."""
+        block = config.get("mesh")
+        key = json.dumps(block.to_dict() if block is not None else None, sort_keys=True)
+        if self._mesh is None or self._mesh[0] != key:
+            self._mesh = (key, sharding.mesh_from_config(block))
+        return self._mesh[1]
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from data.arithmetic import ArithmeticConfig, drill_text
 from data.formats import (LEVELS, SFTExample, build_policy_example, build_sft_example,
@@ -71,12 +72,14 @@ def pad_rows(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarra
 
 
 def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collections.ConfigDict, *,
-              stage_dir: str, seed: int, name: str, mesh: ml_collections.ConfigDict | None = None,
+              stage_dir: str, seed: int, name: str,
+              mesh: ml_collections.ConfigDict | Mesh | None = None,
               num_microbatches: int = 1) -> tuple[Qwen3, dict]:
     """``block.steps`` AdamW steps on ``examples``; resumes from ``stage_dir/checkpoints``.
 
-    ``mesh``: the device-mesh block (``models.sharding.mesh_from_config``; None =
-    FSDP over every device, i.e. nothing to shard on one device). Parameters and
+    ``mesh``: a ``jax.sharding.Mesh`` (the run's, ``rundir.Run.mesh``) or a
+    device-mesh block (``models.sharding.mesh_from_config``; None = FSDP over every
+    device, i.e. nothing to shard on one device). Parameters and
     optimiser state follow the logical-axis rules, batch rows are split over
     ``data x fsdp``; the per-device memory estimate is logged at start. Every
     process builds the same global batch (a pure function of seed and step) and
@@ -93,7 +96,7 @@ def train_sft(model: Qwen3, examples: Sequence[SFTExample], block: ml_collection
                        "final_loss": float("nan"), "examples": len(examples)}
     optimizer, schedule = make_optimizer(block.optim, name=f"{name}.optim")
     graphdef, state = create_train_state(model, optimizer, rng=seed)
-    device_mesh = sharding.mesh_from_config(mesh)
+    device_mesh = mesh if isinstance(mesh, Mesh) else sharding.mesh_from_config(mesh)
     state, shardings = sharding.place_state(state, device_mesh)
     step_fn = sharding.jit_train_step(make_train_step(graphdef, lm_loss, optimizer,
                                                       schedule=schedule,
@@ -141,7 +144,7 @@ def _finish(run: rundir.Run, stage: str, model: Qwen3, examples, config, block) 
     examples = weighted_examples(run.tokenizer(), examples, float(block.get("equation_weight", 1.0)))
     micro = config.get("microbatches")
     model, stats = train_sft(model, examples, block, stage_dir=stage_dir, seed=config.seed,
-                             name=stage, mesh=config.get("mesh"),
+                             name=stage, mesh=run.mesh(config),
                              num_microbatches=micro.sft if micro is not None else 1)
     rundir.export_model(model, stage_dir)
     return stats

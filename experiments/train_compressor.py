@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from data.arithmetic import (ESSENTIAL, FILLER, FILLER_SUB_RANK, Problem, align_spans,
                              generate_problems, load_problems, tokenizer_corpus)
@@ -261,7 +262,7 @@ def lm_loss(model: Qwen3, batch, rng):
 # ----------------------------------------------------------------------------- training
 
 def train(config: ml_collections.ConfigDict, model: nnx.Module, ids, grades, *,
-          run_dir: str, metadata: dict) -> tuple[nnx.Module, dict]:
+          run_dir: str, metadata: dict, mesh: Mesh | None = None) -> tuple[nnx.Module, dict]:
     """Optimise ``model`` for ``train.steps`` steps, resuming from the latest checkpoint.
 
     On the device mesh of ``config.mesh`` (None: FSDP over every device, nothing
@@ -274,7 +275,7 @@ def train(config: ml_collections.ConfigDict, model: nnx.Module, ids, grades, *,
     tc = config.train
     optimizer, schedule = make_optimizer(tc.optim, name="train.optim")
     graphdef, state = create_train_state(model, optimizer, rng=config.seed)
-    mesh = sharding.mesh_from_config(config.get("mesh"))
+    mesh = sharding.mesh_from_config(config.get("mesh")) if mesh is None else mesh
     state, shardings = sharding.place_state(state, mesh)
     loss_fn = lm_loss if config.kind == "surprisal" else classifier_loss
     step_fn = sharding.jit_train_step(make_train_step(graphdef, loss_fn, optimizer,
@@ -311,8 +312,9 @@ def _tokenizer(config, run_dir: str) -> Tokenizer:
     return tokenizer
 
 
-def main(config: ml_collections.ConfigDict) -> dict:
-    """Train, evaluate on held-out problems, export; returns the evaluation metrics."""
+def main(config: ml_collections.ConfigDict, *, mesh: Mesh | None = None) -> dict:
+    """Train, evaluate on held-out problems, export; returns the evaluation metrics.
+    ``mesh``: the device mesh to train on (default: the one ``config.mesh`` names)."""
     run_dir = config.run_dir
     os.makedirs(run_dir, exist_ok=True)
     cli.write_run_config(config, run_dir, resumable=("train.log_every", "eval.*"))
@@ -337,7 +339,8 @@ def main(config: ml_collections.ConfigDict) -> dict:
                                                         "grading": config.labels.grading}}
     if isinstance(model, TokenClassifier):
         metadata.update(num_grades=model.num_grades, keep_grade=model.keep_grade)
-    model, stats = train(config, model, ids, grades, run_dir=run_dir, metadata=metadata)
+    model, stats = train(config, model, ids, grades, run_dir=run_dir, metadata=metadata,
+                         mesh=mesh)
     save_compressor(model, run_dir, metadata, step=config.train.steps)
     scorer = make_scorer(model, sep_id=sep_id, batch_size=config.eval.batch_size)
     keep_grade = KEEP_GRADE[config.labels.keep]

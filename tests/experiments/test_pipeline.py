@@ -263,3 +263,23 @@ def test_force_reruns_a_finished_stage_and_changed_settings_warn(tmp_path, fake_
     out = capsys.readouterr().out
     assert "warning: evaluate.num_questions changed" in out
     assert "--config.force=evaluate" in out
+
+
+def test_a_run_builds_its_mesh_once(tmp_path, monkeypatch):
+    """Every stage of a run asks rundir.Run.mesh; models.sharding builds the mesh once."""
+    import ml_collections
+
+    from experiments import rundir
+    from models import sharding
+
+    built = []
+    real = sharding.mesh_from_config
+    monkeypatch.setattr(sharding, "mesh_from_config",
+                        lambda block: built.append(block) or real(block))
+    run = rundir.Run(str(tmp_path))
+    config = ml_collections.ConfigDict({"mesh": {"data": 1, "fsdp": -1, "tensor": 1}})
+    first = run.mesh(config)
+    assert run.mesh(config) is first and run.mesh(config.copy_and_resolve_references()) is first
+    assert len(built) == 1
+    other = ml_collections.ConfigDict({"mesh": None})
+    assert dict(run.mesh(other).shape) == dict(first.shape) and len(built) == 2

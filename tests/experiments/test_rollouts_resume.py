@@ -60,3 +60,4 @@ def test_a_chunk_file_of_other_questions_is_refused(small_tok, tiny_decoder, que
                chunk_batches=2)
     with pytest.raises(ValueError, match="chunk_batches=0 must be an int >= 1"):
         answer(model, small_tok, questions, control=None, resume_dir=resume, chunk_batches=0)
+
