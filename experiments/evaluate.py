@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import textwrap
 from collections.abc import Sequence
 
 import ml_collections
@@ -47,7 +48,7 @@ from experiments.datasets import read_questions
 from experiments.rollouts import answer_questions, level_logprobs, place_model
 from models import sharding
 
-__all__ = ["method_plan", "results_table", "markdown_table", "difficulty_profile",
+__all__ = ["method_plan", "results_table", "markdown_table", "difficulty_profile", "undrawable",
            "budget_decode_levels", "evaluate", "STAGES"]
 
 PLOT_FILES = ("accuracy_vs_actratio.png", "policy_difficulty.png")
@@ -152,6 +153,25 @@ def difficulty_profile(rows: Sequence[dict], *, method: str, key: str) -> list[d
     return out
 
 
+def undrawable(table: Sequence[dict]) -> list[str]:
+    """'method control' of every table row the accuracy-ratio plot cannot place: a
+    non-finite ActRatio (the base model gave no valid think tokens to divide by) or
+    accuracy. The plot names them in a note instead of leaving them out silently."""
+    return [f"{t['method']} {t['control']}" for t in table
+            if not (np.isfinite(t["act_ratio"]) and np.isfinite(t["accuracy"]))]
+
+
+def _note(ax, missing: Sequence[str], *, everything: bool) -> None:
+    """A note on ``ax`` naming what is not drawn (in the middle when nothing is)."""
+    if not missing:
+        return
+    text = ("nothing to draw: no finite ActRatio / accuracy" if everything
+            else "not drawn (no finite ActRatio): " + ", ".join(missing))
+    ax.text(0.5, 0.5 if everything else 0.02, "\n".join(textwrap.wrap(text, 60)),
+            transform=ax.transAxes, ha="center", va="center" if everything else "bottom",
+            fontsize=8, color="0.3")
+
+
 def _plots(table: Sequence[dict], rows: Sequence[dict], out_dir: str, key: str) -> list[str]:
     import matplotlib  # noqa: PLC0415
     import matplotlib.ticker  # noqa: PLC0415
@@ -167,31 +187,37 @@ def _plots(table: Sequence[dict], rows: Sequence[dict], out_dir: str, key: str) 
                [100 * (hi - a) for a, (_, hi) in zip(y, ci)]]
         return x, [100 * a for a in y], err
 
+    missing = undrawable(table)
+    drawn = [t for t in table if f"{t['method']} {t['control']}" not in missing]
     for method, style in (("extra-cot", "o-"), ("tokenskip", "s--")):
         pts = sorted((t["act_ratio"], t["accuracy"], tuple(t["acc_ci"]))
-                     for t in table if t["method"] == method)
+                     for t in drawn if t["method"] == method)
         if pts:
             x, y, err = bars(pts)
             ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=method)
     for method, marker in (("base", "*"), ("policy-warm-start", "v"), ("chrpo", "D")):
-        for t in table:
+        for t in drawn:
             if t["method"] == method:
                 x, y, err = bars([(t["act_ratio"], t["accuracy"], tuple(t["acc_ci"]))])
                 ax.errorbar(x, y, yerr=err, fmt=marker, markersize=10, capsize=3, label=method)
     ax.set_xlabel("ActRatio (think tokens / base)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    _note(ax, missing, everything=not drawn)
     paths = [os.path.join(out_dir, PLOT_FILES[0])]
     fig.tight_layout()
     fig.savefig(paths[0], dpi=120)
     plt.close(fig)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    profiled = 0
     for method in ("chrpo", "chrpo-budget", "policy-warm-start", "base"):
         prof = difficulty_profile(rows, method=method, key=key)
         if not prof:
             continue
+        profiled += 1
         x = [p[key] for p in prof]
         if method != "base":
             left.plot(x, [p["mean_level"] for p in prof], "o-", label=method)
@@ -203,7 +229,11 @@ def _plots(table: Sequence[dict], rows: Sequence[dict], out_dir: str, key: str) 
     for ax in (left, right):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        if not profiled:
+            ax.text(0.5, 0.5, f"nothing to draw: no answer carries a {key!r} difficulty",
+                    transform=ax.transAxes, ha="center", va="center", fontsize=8, color="0.3")
     paths.append(os.path.join(out_dir, PLOT_FILES[1]))
     fig.tight_layout()
     fig.savefig(paths[1], dpi=120)

@@ -2,11 +2,12 @@
 import os
 
 import ml_collections
+import numpy as np
 import pytest
 
 from data.formats import LEVELS, POLICY
 from experiments.evaluate import (_plots, difficulty_profile, markdown_table, method_plan,
-                                  results_table)
+                                  results_table, undrawable)
 
 
 def row(method, control, correct, think, level=None, steps=2, valid=True):
@@ -88,6 +89,19 @@ def test_plots_are_written(tmp_path):
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert len(paths) == 2
+
+
+def test_rows_with_nothing_to_place_are_named_and_the_plots_still_drawn(tmp_path):
+    """A base model with no valid think tokens leaves every ActRatio NaN: the plot says
+    so in a note (undrawable) instead of coming out empty without a word."""
+    invalid = [{**r, "think_length": 0, "valid": r["method"] != "base"} for r in ROWS]
+    table = results_table(invalid)
+    assert all(not np.isfinite(t["act_ratio"]) for t in table)
+    assert undrawable(table) == [f"{t['method']} {t['control']}" for t in table]
+    assert undrawable(results_table(ROWS)) == []
+    no_difficulty = [{**r, "difficulty": {}} for r in invalid]    # e.g. benchmark rows
+    paths = _plots(table, no_difficulty, str(tmp_path), "n_steps")
+    assert [os.path.getsize(p) > 0 for p in paths] == [True, True]
 
 
 def test_a_killed_evaluation_resumes_at_the_first_unfinished_method(tmp_path, monkeypatch,
