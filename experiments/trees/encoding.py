@@ -1,6 +1,6 @@
 """Input layouts, targets and splits for the tree path-finding lab (numpy only).
 
-Two layouts of one problem (``data.trees.PathProblem``):
+Two layouts of one problem (``experiments.trees.problems.PathProblem``):
 
 ``tokens``  the project's token layout (``experiments/trees/tokens.py``): every edge is
             ``p c [,]``, one token per position; ``aux`` is all PAD.

@@ -1,8 +1,8 @@
 """Token layout, teacher-forcing batches and exact-match scoring for the tree task.
 
-Used through ``data.trees`` (which re-exports everything here). A problem is
+Used through ``experiments.trees.problems`` (which re-exports everything here). A problem is
 any object with ``edges`` (int [E, 2] parent/child labels), ``root``, ``goal``
-and ``path`` (labels root -> goal), i.e. a ``data.trees.PathProblem``.
+and ``path`` (labels root -> goal), i.e. a ``experiments.trees.problems.PathProblem``.
 
 Layout of one example (``,`` is ``EDGE_SEP``, left out when
 ``edge_separator=False``)::

@@ -129,6 +129,8 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     calib = rundir.read_jsonl(run.path("calibrate", "calibration.jsonl"))
     assert len(calib) == config.data.sizes.rl
     assert all(set(c["levels"]) == {str(lv) for lv in LEVELS} for c in calib)
+    # the chunks a killed selfcot / calibrate would resume from go when the stage is done
+    assert not any(os.path.exists(run.path(s, "partial")) for s in ("selfcot", "calibrate"))
     # RL metrics: one finite record per step with the fields
     records = [json.loads(line) for line in open(run.path("rl", "metrics.jsonl"))]
     assert [r["step"] for r in records] == list(range(1, config.rl.steps + 1))
