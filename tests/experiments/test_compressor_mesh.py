@@ -48,7 +48,7 @@ def test_unlabelled_padding_rows_leave_the_loss_unchanged(setup, kind):
 
 def test_the_compressor_trains_on_the_pipeline_mesh(tmp_path, monkeypatch):
     """compressed_data.compressor hands the pipeline's ``mesh`` block to the
-    compressor's config (train_compressor builds its mesh from ``config.mesh``)."""
+    compressor's config and the run's mesh (``rundir.Run.mesh``) to train_compressor."""
     from experiments import compressed_data, rundir  # noqa: PLC0415
 
     run = rundir.Run(tmp_path)
@@ -56,9 +56,13 @@ def test_the_compressor_trains_on_the_pipeline_mesh(tmp_path, monkeypatch):
     (tmp_path / "data" / "tokenizer.model").write_bytes(b"")   # only its path is read here
     config = cli.parse(["--config=experiments/configs/test.py", f"--config.run_dir={tmp_path}",
                         "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.mesh.tensor=2"])
-    seen = []
-    monkeypatch.setattr(tc, "main", lambda cfg: seen.append(cfg) or {"loss": 1.0})
+    seen, meshes = [], []
+    the_run_mesh = object()        # a 2 x ? x 2 mesh needs 4 devices: the run's mesh stands in
+    monkeypatch.setattr(run, "mesh", lambda cfg: the_run_mesh)
+    monkeypatch.setattr(tc, "main", lambda cfg, mesh=None: (seen.append(cfg), meshes.append(mesh))
+                        and {"loss": 1.0})
     assert compressed_data.compressor(config, run)["compressor/loss"] == 1.0
+    assert meshes and all(m is the_run_mesh for m in meshes)   # the run's one mesh, not a new one
     assert [c.mesh.to_dict() for c in seen][:1] == [{"data": 2, "fsdp": -1, "tensor": 2}]
     assert all(c.mesh.to_dict() == seen[0].mesh.to_dict() for c in seen)
     alone = compressed_data.compressor_config(config.compressor, run, name="compressor")
