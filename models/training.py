@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from models.optim import ema_params
+from models.optim import Schedule, ema_params
 
 __all__ = [
     "token_logprobs", "next_token_logprobs", "masked_lm_loss",
@@ -49,7 +49,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 10
 
-Schedule = Callable[[jax.Array], jax.Array]
 LossFn = Callable[[nnx.Module, Any, jax.Array],
                   tuple[jax.Array, jax.Array, Mapping[str, jax.Array]]]
 
