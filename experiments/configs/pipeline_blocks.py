@@ -106,7 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
     # the last: the changes of the CoT that raised the base model most on validation
     # (docs/results.md, "The base model")
     d.arithmetic = ml_collections.ConfigDict({
-        "max_steps": 3, "max_digits": 2, "max_operand": 11, "max_start": 20,
+        "min_steps": 2, "max_steps": 3, "max_digits": 2, "max_operand": 11, "max_start": 20,
         "op_weights": (1.0, 1.0, 0.3, 0.3), "pad_width": 2, "restate": "quote_steps",
         "mark_last": True})
     d.tokenizer_path = ""         # '' -> train SentencePiece on tokenizer_problems problems

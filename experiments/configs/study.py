@@ -4,6 +4,7 @@
     python -m experiments.study --config.study.sweep.budgets=   # the seeds alone, no sweep
     python -m experiments.study --config.study.seeds=0,1,2,3,4
     python -m experiments.study --config=experiments/configs/study.py:test   # CI sizes
+    python -m experiments.study --config=experiments/configs/study.py:wide   # 1-4 step problems
     python -m experiments.study --config.study.seeds=0 --config.study.sweep.budgets=0.3 \
         --config.study.sweep.split=val --config.study.sweep.name=val   # tune the sweep
 
@@ -19,23 +20,36 @@ from experiments.configs import pipeline_blocks
 from experiments.configs import test as test_config
 
 
+WIDE_STEPS = (1, 4)
+"""The ``wide`` preset's operations per problem (min, max): the default's 2-3 widened so
+that the levels are worth different amounts on different questions (docs/results.md,
+"Difficulty that matters")."""
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    """``arg``: '' for the embedded default, 'test' for the CI sizes of test.py."""
-    if arg not in ("", "test"):
+    """``arg``: '' for the embedded default, 'test' for the CI sizes of test.py, 'wide'
+    for the default on problems of ``WIDE_STEPS`` operations (its own root and report)."""
+    if arg not in ("", "test", "wide"):
         raise cli.ConfigError(f"--config=experiments/configs/study.py:{arg}: the argument "
-                              "must be 'test' or absent")
+                              "must be 'test', 'wide' or absent")
     c = test_config.get_config() if arg == "test" else pipeline_blocks.base_config()
-    root = "runs/study_test" if arg else "runs/study"
+    if arg == "wide":
+        c.data.arithmetic.min_steps, c.data.arithmetic.max_steps = WIDE_STEPS
+        # a 4-step chain is up to 269 tokens at full length (the default's 3 steps: 235)
+        c.rl.max_new_tokens = c.calibrate.max_new_tokens
+    root = {"": "runs/study", "test": "runs/study_test", "wide": "runs/study_wide"}[arg]
     c.run_dir = root   # unused: each seed runs in <study.root>/seed<k>
     c.study = ml_collections.ConfigDict({
         "seeds": (0, 1, 2), "root": root,
-        "out_dir": f"{root}/report" if arg else "docs/figures/study"})
+        "out_dir": {"": "docs/figures/study", "test": f"{root}/report",
+                    "wide": "docs/figures/study_wide"}[arg]})
     # the budget sweep (experiments.study.sweep_runs): from each seed's SFT models, CHRPO and
     # its peers at every budget, with the same warm start and RL work; () = no sweep
     c.study.sweep = ml_collections.ConfigDict({
-        "budgets": (0.3,) if arg else (0.2, 0.3, 0.45, 0.6),
+        "budgets": (0.3,) if arg == "test" else (0.2, 0.3, 0.45, 0.6),
         "methods": ("chrpo", "lcpo", "length-penalty"),
-        "calibrate_samples": 1 if arg else 4, "rl_steps": 2 if arg else 20,
+        "calibrate_samples": 1 if arg == "test" else 4,
+        "rl_steps": 2 if arg == "test" else 20,
         # every level explored in every prompt's group: one forced rollout per level
         "forced_levels": (20, 40, 60, 80, 100), "forced_samples": 1,
         # the control token's loss weight in every sweep run (the chrpo preset's is 5)
