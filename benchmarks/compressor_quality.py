@@ -5,7 +5,7 @@
         --baseline_run=runs/compressor_baseline --problems=300 --seed=12
 
 A run directory without an exported model is first trained with the default config
-(experiments/configs/compressor.py, compressor_baseline.py). Both compressors then
+(experiments/extra_cot/configs/compressor.py, compressor_baseline.py). Both compressors then
 score held-out problems of the stream ``--seed`` (neither trained nor validated on
 it), each with one forward pass, and every ratio 0.1 ... 0.9 keeps the top
 round(g * N) tokens (data/compression.py). Printed as markdown tables:
@@ -33,14 +33,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.arithmetic import generate_problems  # noqa: E402
 from data.tokenizers import load_tokenizer  # noqa: E402
 from experiments import cli  # noqa: E402
-from experiments import train_compressor as tc  # noqa: E402
+from experiments.extra_cot import train_compressor as tc  # noqa: E402
 from models.compressor import COMPRESSOR_FILE, load_scorer  # noqa: E402
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 METRICS = ("integrity", "integrity_essential", "fractured", "recall_essential")
 HEADERS = ("integrity", "ess. whole", "fractured", "ess. recall")
-CONFIGS = {"formula": "experiments/configs/compressor.py",
-           "surprisal": "experiments/configs/compressor_baseline.py"}
+CONFIGS = {"formula": "experiments/extra_cot/configs/compressor.py",
+           "surprisal": "experiments/extra_cot/configs/compressor_baseline.py"}
 
 
 def ensure_trained(run_dir: str, kind: str) -> None:

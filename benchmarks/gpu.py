@@ -6,7 +6,7 @@ throughput against the memory-bandwidth bound. Ready for a lent H100/H200; CPU o
 
 Train step (``--models``, default qwen3-0.6b,qwen3-1.7b): parameters float32,
 compute bfloat16 (``Qwen3Config(dtype='bfloat16', param_dtype='float32')``),
-experiments.sft.lm_loss, AdamW (benchmarks.harness.OPTIMIZER), state donated.
+experiments.extra_cot.sft.lm_loss, AdamW (benchmarks.harness.OPTIMIZER), state donated.
 A batch that does not fit is halved until it does (recorded). Model FLOPs per
 token (PaLM, appendix B; attention not halved for causality, the usual MFU
 convention):
@@ -107,7 +107,7 @@ def train_worker(spec: dict) -> dict:
     import jax  # noqa: PLC0415
 
     from benchmarks.jax_side import compile_train_step, lower_train_step, random_model  # noqa: PLC0415
-    from experiments.sft import lm_loss  # noqa: PLC0415
+    from experiments.extra_cot.sft import lm_loss  # noqa: PLC0415
 
     config = _config(spec, dtype="bfloat16", param_dtype="float32")
     device = jax.devices()[0]

@@ -49,7 +49,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(_COMMON, vocab_size=512, hidden_size=64, intermediate_size=192,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=16),
-    # the model of the main job (experiments/configs/default.py), at its tokenizer's vocabulary
+    # the model of the main job (experiments/extra_cot/configs/default.py), at its tokenizer's vocabulary
     "main": dict(_COMMON, vocab_size=768, hidden_size=128, intermediate_size=384,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=32),

@@ -64,8 +64,8 @@ def profile_jax(spec: dict, *, steps: int, trace_dir: str) -> dict:
 
     import chrpo  # noqa: PLC0415
     from benchmarks import jax_side  # noqa: PLC0415
-    from experiments.rl import make_rl_loss  # noqa: PLC0415
-    from experiments.sft import lm_loss  # noqa: PLC0415
+    from experiments.extra_cot.rl import make_rl_loss  # noqa: PLC0415
+    from experiments.extra_cot.sft import lm_loss  # noqa: PLC0415
 
     model = jax_side.load_model(spec["weights"])
     batch = jax.device_put(make_batch(spec))

@@ -5,20 +5,20 @@
     .venv/bin/python -m benchmarks.rl_step --sizes=micro --in-process --steps=2
 
 JAX only (there is no transformers counterpart of a CHRPO step). The step is
-the body of ``experiments.rl.rl`` built from the same public pieces, on
+the body of ``experiments.extra_cot.rl.rl`` built from the same public pieces, on
 synthetic arithmetic questions (data/arithmetic.py) and a SentencePiece
 tokenizer trained on them (the model's vocabulary is the tokenizer's):
 
-    rollout    experiments.rollouts.rollout_groups: generate (policy and forced
+    rollout    experiments.extra_cot.rollouts.rollout_groups: generate (policy and forced
                level samples) + judge every response
-    scoring    experiments.rl.reward_inputs + chrpo.compute_advantages
+    scoring    experiments.extra_cot.rl.reward_inputs + chrpo.compute_advantages
                (hierarchical rewards, group-relative advantages), called
-               eagerly as experiments.rl does; ``scoring_jit`` is the same
+               eagerly as experiments.extra_cot.rl does; ``scoring_jit`` is the same
                call under jax.jit (not counted in the step total)
     old logp   models.sampling.score under the current policy
     ref logp   models.sampling.score under the frozen reference
     update     ``passes`` x ``minibatches`` jitted train steps with
-               experiments.rl.make_rl_loss (chrpo.policy_loss)
+               experiments.extra_cot.rl.make_rl_loss (chrpo.policy_loss)
 
 The judging inside ``rollout`` is also timed alone (``judge``: parsing and
 answer checking of the same responses), so generation = rollout - judge, and
@@ -58,8 +58,8 @@ def _setup(spec: dict):
     from benchmarks.jax_side import compile_train_step, model_config, random_model  # noqa: PLC0415
     from data.arithmetic import ArithmeticConfig, generate_problems, tokenizer_corpus  # noqa: PLC0415
     from data.tokenizers import train_sentencepiece  # noqa: PLC0415
-    from experiments.datasets import question_from_row, question_row  # noqa: PLC0415
-    from experiments.rl import make_rl_loss  # noqa: PLC0415
+    from experiments.extra_cot.datasets import question_from_row, question_row  # noqa: PLC0415
+    from experiments.extra_cot.rl import make_rl_loss  # noqa: PLC0415
 
     arith = ArithmeticConfig(max_steps=3)
     tok = train_sentencepiece(tokenizer_corpus(generate_problems(0, 200, arith)),
@@ -81,8 +81,8 @@ def jax_worker(spec: dict) -> dict:
 
     import chrpo  # noqa: PLC0415
     from data.formats import build_response, build_prompt  # noqa: PLC0415
-    from experiments.rl import reward_inputs  # noqa: PLC0415
-    from experiments.rollouts import judge, rollout_groups  # noqa: PLC0415
+    from experiments.extra_cot.rl import reward_inputs  # noqa: PLC0415
+    from experiments.extra_cot.rollouts import judge, rollout_groups  # noqa: PLC0415
     from models.sampling import score  # noqa: PLC0415
     from models.training import merge_model  # noqa: PLC0415
 
@@ -93,7 +93,7 @@ def jax_worker(spec: dict) -> dict:
     gold = [build_response(tok, tok.encode(q.cot), q.answer_text, level=60) for q in questions]
     num_local = 1 + len(spec["forced_levels"])
 
-    def advantages_of(inputs, group_ids, local_ids):   # experiments.rl's advantage call
+    def advantages_of(inputs, group_ids, local_ids):   # experiments.extra_cot.rl's advantage call
         groups = jax.numpy.asarray(group_ids)
         return chrpo.compute_advantages(
             inputs, groups, num_groups=len(questions),
@@ -168,7 +168,7 @@ def summarize(spec: dict, rounds: list[dict]) -> dict:
     present = [p for p in PHASES if p in steady[0]]
     phases = {p: h.median([st[p] for st in steady]) for p in present}
     first = {p: h.median([run["steps"][0][p] for run in runs]) for p in present}
-    # The step as experiments.rl runs it: eager scoring when it was measured.
+    # The step as experiments.extra_cot.rl runs it: eager scoring when it was measured.
     counted = [p for p in present if p not in NOT_IN_TOTAL
                and not (p == "scoring_jit" and "scoring" in present)]
     total = sum(phases[p] for p in counted)
@@ -207,7 +207,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=4, help="RL steps per round (>= 2)")
     parser.add_argument("--vocab", type=int, default=512, help="tokenizer vocabulary bound")
     parser.add_argument("--scoring", choices=("eager", "jit", "both"), default="both",
-                        help="compute_advantages as experiments.rl calls it (eager), jitted, "
+                        help="compute_advantages as experiments.extra_cot.rl calls it (eager), jitted, "
                              "or both")
     args, sizes = h.parse_common(parser, argv)
     if args.steps < 1:

@@ -8,11 +8,11 @@ One step = forward, backward, global-norm clip and AdamW update of every
 parameter, on the same weights and the same batch on both sides:
 
 - sft:   next-token cross-entropy over every token of a [B, T] batch
-         (ours: experiments.sft.lm_loss; torch: Qwen3ForCausalLM(labels=...).loss);
+         (ours: experiments.extra_cot.sft.lm_loss; torch: Qwen3ForCausalLM(labels=...).loss);
 - chrpo: the CHRPO policy loss (chrpo 'chrpo' preset: clip-higher, dual clip,
          k3 KL to a reference, weighted control token, token mean) over
          [B, C] completion tokens after [B, P] prompts (ours:
-         experiments.rl.make_rl_loss; torch: the same loss written in torch, logits
+         experiments.extra_cot.rl.make_rl_loss; torch: the same loss written in torch, logits
          only for the completion positions via ``logits_to_keep``).
 
 Tokens/s counts every token the step processes (B*T, or B*(P+C)). Ours is
@@ -99,8 +99,8 @@ def jax_worker(spec: dict) -> dict:
 
     import chrpo  # noqa: PLC0415
     from benchmarks import jax_side  # noqa: PLC0415
-    from experiments.rl import make_rl_loss  # noqa: PLC0415
-    from experiments.sft import lm_loss  # noqa: PLC0415
+    from experiments.extra_cot.rl import make_rl_loss  # noqa: PLC0415
+    from experiments.extra_cot.sft import lm_loss  # noqa: PLC0415
 
     model = jax_side.load_model(spec["weights"], **spec.get("model_overrides", {}))
     batch = jax.device_put(make_batch(spec))

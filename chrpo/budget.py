@@ -245,7 +245,7 @@ def choose_levels(utility: Array, cost: Array, multiplier: Array | float) -> Arr
 
     Ties go to the cheaper (earlier) column. With ``utility`` a policy's log-probabilities
     of the levels, this decodes the policy under a budget: mu prices a unit of ratio
-    in nats (``experiments/evaluate.py``, method 'chrpo-budget').
+    in nats (``experiments/extra_cot/evaluate.py``, method 'chrpo-budget').
 
     Example:
       >>> import jax.numpy as jnp, chrpo

@@ -4,7 +4,7 @@ Every script does::
 
     def main(config): ...
     if __name__ == "__main__":
-        cli.run(main, default="experiments/configs/sft_tiny.py")
+        cli.run(main, default="experiments/extra_cot/configs/default.py")
 
 ``parse`` loads ``get_config()`` (or ``get_config(arg)``) from the file, applies
 the overrides in order, validates (the config module's ``validate(config)``,

@@ -66,3 +66,86 @@ def test_write_jsonl_writes_non_finite_floats_as_null(tmp_path):
     rundir.write_jsonl(path, [{"x": float("nan"), "y": [1.0, float("inf")]}])
     assert rundir.check_strict_json(path) == 1
     assert rundir.read_jsonl(path) == [{"x": None, "y": [1.0, None]}]
+
+
+HOUSE = ("chrpo", "models", "data", "experiments", "benchmarks")
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_module(name: str) -> bool:
+    base = ROOT.joinpath(*name.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    """The house modules ``path`` imports, at any depth (inside functions too)."""
+    import ast  # noqa: PLC0415
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" if _is_module(f"{node.module}.{a.name}")
+                     else node.module for a in node.names]
+        else:
+            continue
+        out |= {n for n in names if n.split(".")[0] in HOUSE and _is_module(n)}
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module_name(p): _imports(p) for top in HOUSE for p in (ROOT / top).rglob("*.py")
+            if "__pycache__" not in p.parts}
+
+
+def test_import_graph_sees_function_level_imports():
+    graph = _graph()
+    assert "experiments.extra_cot.pipeline" in graph["experiments.extra_cot.study"]  # in main()
+    assert "experiments.extra_cot.sft" in graph["experiments.extra_cot.pipeline"]
+    assert sum(map(len, graph.values())) > 200
+
+
+def test_no_import_circle():
+    graph = _graph()
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import circles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_two_labs_do_not_import_each_other():
+    graph = _graph()
+    crossing = [f"{m} imports {n}" for m, deps in graph.items() for n in deps
+                for a, b in (("experiments.extra_cot", "experiments.trees"),
+                             ("experiments.trees", "experiments.extra_cot"))
+                if m.startswith(a) and n.startswith(b)]
+    assert not crossing, "\n".join(crossing)
+
+
+_RUN_MODULE = re.compile(r"python3? -m ((?:chrpo|models|data|experiments|benchmarks)(?:\.\w+)+)")
+_SOURCE_PATH = re.compile(r"\b((?:chrpo|models|data|experiments|benchmarks|tests)/[\w/]+\.py)\b")
+
+
+def test_every_cited_module_and_source_file_exists():
+    missing = sorted({f"{p.relative_to(ROOT)} cites {m}"
+                      for p in _files()
+                      for line in p.read_text(encoding="utf-8", errors="replace").splitlines()
+                      for m in _RUN_MODULE.findall(line) + _SOURCE_PATH.findall(line)
+                      if not (_is_module(m) if "/" not in m else (ROOT / m).is_file())})
+    assert not missing, "\n".join(missing)

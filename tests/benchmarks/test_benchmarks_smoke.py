@@ -23,7 +23,7 @@ FAST = ["--sizes=micro", "--no-reference", "--in-process", "--rounds=1", "--repe
 
 def test_train_step_runs_the_chrpo_step():
     # Only the CHRPO step: each compiled train step costs seconds of CI time,
-    # and the SFT step differs from it by its loss alone (experiments.sft.lm_loss).
+    # and the SFT step differs from it by its loss alone (experiments.extra_cot.sft.lm_loss).
     # --query-block=4: 4 causal query blocks over the 16 tokens (models.qwen3.query_blocks)
     rows = train_step.main(FAST + ["--kinds=chrpo", "--query-block=4"])
     assert [r["kind"] for r in rows] == ["chrpo"]

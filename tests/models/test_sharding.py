@@ -171,13 +171,13 @@ def test_activation_and_kv_bytes_by_hand():
 
 def test_scale_configs_resolve_and_estimate_by_hand(monkeypatch):
     # sizes only: the local checkpoint and data files are not needed here
-    from experiments.configs import pipeline_blocks
+    from experiments.extra_cot.configs import pipeline_blocks
     monkeypatch.setattr(pipeline_blocks, "_check_local_files", lambda config: None)
     monkeypatch.setattr(pipeline_blocks.os.path, "isfile", lambda path: True)
     from experiments import cli
-    from experiments.configs import scale as scale_common
+    from experiments.extra_cot.configs import scale as scale_common
     for target, spec in scale_common.TARGETS.items():
-        c = cli.parse([f"--config=experiments/configs/scale.py:{target}"])   # validates
+        c = cli.parse([f"--config=experiments/extra_cot/configs/scale.py:{target}"])   # validates
         assert c.to_dict() == scale_common.scale_config(target).to_dict()
         shape = sh.resolve_mesh_shape(**c.mesh.to_dict(), num_devices=spec["devices"])
         assert math.prod(shape) == spec["devices"]
@@ -192,7 +192,7 @@ def test_scale_configs_resolve_and_estimate_by_hand(monkeypatch):
         scale_common.scale_config("v3-8")
     with pytest.raises(cli.ConfigError, match=r"scale.py:v3-8: the argument must be a scale "
                                               r"target, one of \['8xh100', 'v4-32', 'v5p-8'\]"):
-        cli.parse(["--config=experiments/configs/scale.py:v3-8"])
+        cli.parse(["--config=experiments/extra_cot/configs/scale.py:v3-8"])
 
 
 def test_a_scalar_batch_leaf_is_replicated():

@@ -6,7 +6,7 @@ DIR`` with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``): the rest of
 the suite shares a 1-device JAX in the pytest process. The subprocess measures
 and prints one JSON object; the assertions live in the pytest functions below.
 
-Every step is built exactly as experiments/sft.py and experiments/rl.py build
+Every step is built exactly as experiments/extra_cot/sft.py and experiments/extra_cot/rl.py build
 theirs (``create_train_state`` + ``make_train_step`` with ``lm_loss`` /
 ``make_rl_loss``); the single-device reference is the same code on a 1x1x1 mesh.
 
@@ -53,8 +53,8 @@ def _measure(ckpt_dir: str) -> dict:
     import numpy as np
     from flax import nnx
 
-    from experiments.rl import make_rl_loss
-    from experiments.sft import lm_loss
+    from experiments.extra_cot.rl import make_rl_loss
+    from experiments.extra_cot.sft import lm_loss
     from models import checkpoint
     from models import sharding as sh
     from models import sharding_memory as shm

@@ -2,11 +2,11 @@
 
 Checked through the entry point every script uses (``experiments.cli.parse``
 with the config module's ``validate``, as ``cli.run`` calls it) on the real
-pipeline configs, and through the one entry point (``python -m experiments.pipeline``)
+pipeline configs, and through the one entry point (``python -m experiments.extra_cot.pipeline``)
 as a subprocess: exit status 2, ``error: config key ...``
 on stderr and no run directory created.
 
-Cases already covered elsewhere (tests/experiments/test_pipeline.py,
+Cases already covered elsewhere (tests/extra_cot/test_pipeline.py,
 tests/experiments/test_cli.py) are repeated here only where the issue names
 them (negative ratios, group size 1, tolerance < 0), so this file is the one
 place that lists the guarantee.
@@ -23,7 +23,7 @@ import pytest
 from experiments import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIGS = ("experiments/configs/test.py", "experiments/configs/default.py")
+CONFIGS = ("experiments/extra_cot/configs/test.py", "experiments/extra_cot/configs/default.py")
 
 UNKNOWN = [
     ("--config.rl.stepz=3", "rl.stepz", "did you mean rl.steps"),
@@ -62,7 +62,7 @@ OUT_OF_RANGE = [
 ]
 # Optimiser and data-generator blocks: validated only when their stage starts
 # (make_optimizer / ArithmeticConfig), i.e. after earlier stages have run.
-# These fail until experiments/configs/pipeline_blocks.validate checks them
+# These fail until experiments/extra_cot/configs/pipeline_blocks.validate checks them
 # (patch in docs/reliability.md, "Open items").
 LATE = [
     (["--config.sft_base.optim.learning_rate=-1"], "sft_base.optim", "learning_rate"),
@@ -113,8 +113,8 @@ def test_optimiser_and_generator_blocks_are_checked_at_parse_time(overrides, key
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module, override, key", [
-    ("experiments.pipeline", "--config.sft_base.steps=-1", "sft_base.steps"),
-    ("experiments.pipeline", "--config.rl.objective.tol=-0.5", "rl.objective.tol"),
+    ("experiments.extra_cot.pipeline", "--config.sft_base.steps=-1", "sft_base.steps"),
+    ("experiments.extra_cot.pipeline", "--config.rl.objective.tol=-0.5", "rl.objective.tol"),
 ])
 def test_scripts_exit_before_any_work(tmp_path, module, override, key):
     run_dir = tmp_path / "run"
@@ -129,12 +129,12 @@ def test_scripts_exit_before_any_work(tmp_path, module, override, key):
 
 
 def test_resuming_with_a_changed_config_exits_before_any_work(tmp_path, capsys):
-    from experiments import pipeline
+    from experiments.extra_cot import pipeline
 
     run_dir = tmp_path / "run"
     cli.write_run_config(parse(CONFIGS[0], f"--config.run_dir={run_dir}"), run_dir, write=True)
     (run_dir / "sft_base").mkdir()      # the stage had begun (keys of unstarted stages may
-    with pytest.raises(SystemExit) as exit_info:    # change: tests/experiments/test_pipeline.py)
+    with pytest.raises(SystemExit) as exit_info:    # change: tests/extra_cot/test_pipeline.py)
         cli.run(pipeline.main, argv=[f"--config={CONFIGS[0]}", f"--config.run_dir={run_dir}",
                                 "--config.sft_base.steps=3", "--config.stage=sft_base"])
     assert exit_info.value.code == 2

@@ -90,7 +90,7 @@ def test_missing_tokenizer_names_the_path(tmp_path):
 
 
 def test_question_file_missing_field_names_file_line_and_field(tmp_path):
-    from experiments.datasets import question_row, read_questions
+    from experiments.extra_cot.datasets import question_row, read_questions
     rows = [question_row(p) for p in generate_problems(3, 7)]
     del rows[1]["cot"]
     path = tmp_path / "sft.jsonl"
@@ -103,7 +103,7 @@ def test_question_file_missing_field_names_file_line_and_field(tmp_path):
 
 
 def _question_file(tmp_path, edit=None, name="q.jsonl"):
-    from experiments.datasets import question_row
+    from experiments.extra_cot.datasets import question_row
     rows = [question_row(p) for p in generate_problems(3, 4)]
     if edit:
         edit(rows)
@@ -113,7 +113,7 @@ def _question_file(tmp_path, edit=None, name="q.jsonl"):
 
 
 def test_question_fields_of_the_wrong_type_name_file_line_and_field(tmp_path):
-    from experiments.datasets import read_questions
+    from experiments.extra_cot.datasets import read_questions
     path = _question_file(tmp_path, lambda rows: rows[2].update(question=None))
     with pytest.raises(ValueError, match=re.escape(f"{path}:3: field 'question' must be str, "
                                                    "got null")):
@@ -125,14 +125,14 @@ def test_question_fields_of_the_wrong_type_name_file_line_and_field(tmp_path):
 
 def test_an_integer_gold_answer_is_read_as_its_text(tmp_path):
     from data.answers import is_equivalent
-    from experiments.datasets import read_questions
+    from experiments.extra_cot.datasets import read_questions
     path = _question_file(tmp_path, lambda rows: rows[1].update(answer=7))
     q = read_questions(str(path))[1]
     assert q.answer == "7" and q.answer_text == "\\boxed{7}" and is_equivalent("7", q.answer)
 
 
 def test_empty_and_non_utf8_question_files_name_the_file(tmp_path):
-    from experiments.datasets import read_questions
+    from experiments.extra_cot.datasets import read_questions
     empty = tmp_path / "sft.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match=re.escape(f"{empty}: holds no question")):

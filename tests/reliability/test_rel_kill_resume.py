@@ -1,7 +1,7 @@
 """Kill and resume: SFT and CHRPO runs SIGKILLed at seeded random points end bit-identical.
 
-Each test drives the real entry point (``python -m experiments.pipeline`` with
-``--config.stage=sft_base`` / ``rl``) on the test config (experiments/configs/test.py, fewer
+Each test drives the real entry point (``python -m experiments.extra_cot.pipeline`` with
+``--config.stage=sft_base`` / ``rl``) on the test config (experiments/extra_cot/configs/test.py, fewer
 steps, a checkpoint every step) in a subprocess:
 
 - reference: one uninterrupted run;
@@ -41,7 +41,7 @@ import pytest
 from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = "experiments/configs/test.py"
+CONFIG = "experiments/extra_cot/configs/test.py"
 KILLS = 2
 MAX_DELAY_S = 0.25
 SFT_STEPS, RL_STEPS = 6, 4
@@ -58,7 +58,8 @@ RL_ARGS = ["--config.stage=rl", "--config.rl.checkpoint_every=1"]
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """(template run directory after the data stage, environment for the subprocesses)."""
-    from experiments import cli, pipeline
+    from experiments import cli
+    from experiments.extra_cot import pipeline
 
     root = tmp_path_factory.mktemp("kill_resume")
     template = str(root / "template")
@@ -194,9 +195,9 @@ def metric_rows(run_dir: str, stage: str) -> list[dict]:
 def test_sft_killed_and_resumed_is_bit_identical(workspace, tmp_path):
     template, env = workspace
     reference = copy_run(template, str(tmp_path / "reference"))
-    run_to_end(command("experiments.pipeline", reference, SFT_ARGS), env)
+    run_to_end(command("experiments.extra_cot.pipeline", reference, SFT_ARGS), env)
     killed = copy_run(template, str(tmp_path / "killed"))
-    kills = run_with_kills(command("experiments.pipeline", killed, SFT_ARGS), env,
+    kills = run_with_kills(command("experiments.extra_cot.pipeline", killed, SFT_ARGS), env,
                            os.path.join(killed, "sft_base", "metrics.jsonl"),
                            total=SFT_STEPS, rng=np.random.default_rng(10))
     assert [rc for *_, rc in kills] == [-signal.SIGKILL] * KILLS, kills   # killed while running
@@ -276,9 +277,9 @@ def rl_template(workspace, tmp_path_factory):
 def test_chrpo_killed_and_resumed_is_bit_identical(rl_template, tmp_path):
     template, env = rl_template
     reference = copy_run(template, str(tmp_path / "reference"))
-    run_to_end(command("experiments.pipeline", reference, RL_ARGS), env)
+    run_to_end(command("experiments.extra_cot.pipeline", reference, RL_ARGS), env)
     killed = copy_run(template, str(tmp_path / "killed"))
-    kills = run_with_kills(command("experiments.pipeline", killed, RL_ARGS), env,
+    kills = run_with_kills(command("experiments.extra_cot.pipeline", killed, RL_ARGS), env,
                            os.path.join(killed, "rl", "metrics.jsonl"),
                            total=RL_STEPS, rng=np.random.default_rng(20))
     assert [rc for *_, rc in kills] == [-signal.SIGKILL] * KILLS, kills

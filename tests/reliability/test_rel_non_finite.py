@@ -5,7 +5,7 @@ tests/models/test_training.py::test_non_finite_update_is_skipped. Here a NaN/Inf
 is injected into the loss, or into the gradient only, of a jitted
 ``make_train_step``; ``check_finite_updates`` logs each skip and raises
 ``NonFiniteError`` after ``max_consecutive`` skips in a row. The last test
-drives ``experiments.sft.train_sft`` end to end with an injected NaN.
+drives ``experiments.extra_cot.sft.train_sft`` end to end with an injected NaN.
 """
 from __future__ import annotations
 
@@ -108,11 +108,11 @@ def sft_setup():
 def test_sft_skips_a_nan_and_stops_after_n_in_a_row(sft_setup, tmp_path, monkeypatch, caplog):
     """One NaN is skipped and the run goes on; three in a row stop it with a clear message.
 
-    Needs experiments/sft.py to call check_finite_updates with
+    Needs experiments/extra_cot/sft.py to call check_finite_updates with
     ``block.max_consecutive_skips`` (patch in docs/reliability.md, open items).
     """
-    from experiments import sft
-    from experiments.configs.pipeline_blocks import sft_block
+    from experiments.extra_cot import sft
+    from experiments.extra_cot.configs.pipeline_blocks import sft_block
     from models.metrics import read_metrics
     from models.qwen3 import Qwen3, Qwen3Config
 
@@ -152,8 +152,8 @@ def test_sft_skips_a_nan_and_stops_after_n_in_a_row(sft_setup, tmp_path, monkeyp
 def test_a_stage_whose_every_update_was_skipped_fails(sft_setup, tmp_path, monkeypatch):
     """Two steps, both NaN, under a limit of 10 in a row: the stage must not end normally
     (and export its untrained init) just because it was shorter than the limit."""
-    from experiments import sft
-    from experiments.configs.pipeline_blocks import sft_block
+    from experiments.extra_cot import sft
+    from experiments.extra_cot.configs.pipeline_blocks import sft_block
     from models.qwen3 import Qwen3, Qwen3Config
 
     tok, examples = sft_setup
