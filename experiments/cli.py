@@ -6,10 +6,14 @@ Every script does::
     if __name__ == "__main__":
         cli.run(main, default="experiments/extra_cot/configs/default.py")
 
-``parse`` loads ``get_config()`` (or ``get_config(arg)``) from the file, applies
-the overrides in order, validates (the config module's ``validate(config)``,
-then any ``validators``), locks the config and returns it. Nothing is ever
-``eval``-ed: each value is parsed by the type of the field it replaces.
+``parse`` loads ``get_config()`` (or ``get_config(arg)``) from the file, reads
+each override by the type of the field it replaces (the table below; an
+unknown key or unreadable value is a ``ConfigError`` that names the key and
+suggests close keys), hands the typed values to ``ml_collections.config_flags``
+(``DEFINE_config_dict`` on a private ``absl.flags.FlagValues``), which sets
+them, validates (the config module's ``validate(config)``, then any
+``validators``), locks the config and returns it. Nothing is ever ``eval``-ed;
+Python literal syntax is read by ``ast.literal_eval`` only.
 
 Override syntax (``--config.a.b=value`` or ``--config.a.b value``):
 
@@ -21,13 +25,18 @@ int                ``-3``, ``1_000`` (no fractions, no exponents)
 float              anything ``float()`` reads (``1e-4``, ``3``, ``inf``)
 str                the text as given
 tuple/list         ``1,2,3``, ``(1, 2)``, ``[a, b]``, ``()``; element type from
-                   the current elements (strings may not contain commas)
+                   the current elements (strings may not contain commas), or
+                   config_flags' Python literal form ``"('a,b', 'c')"``
 placeholder/None   ``none`` sets None; otherwise the declared type (placeholders)
                    or, for a plain None field, inferred: bool, int, float, str
 =================  ===========================================================
+
+A key given twice takes its last value (config_flags alone would join two
+values of a tuple field).
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import fnmatch
 import importlib.util
@@ -40,7 +49,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import ml_collections
-from ml_collections import config_dict
+from absl import flags
+from ml_collections import config_dict, config_flags
 
 __all__ = ["ConfigError", "load_config", "apply_override", "parse", "run", "flatten", "get",
            "check", "check_range", "check_choice", "to_json_dict", "config_changes",
@@ -171,8 +181,28 @@ def _element_type(items: Sequence[Any]) -> type | None:
     return float if float in kinds else kinds.pop()
 
 
+def _literal_sequence(text: str) -> list | None:
+    """``text`` as config_flags' Python literal form of a sequence of scalars, else None."""
+    if not text or text[0] not in "([":
+        return None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    if not isinstance(value, (tuple, list)) or not all(
+            v is None or isinstance(v, (bool, int, float, str)) for v in value):
+        return None
+    return list(value)
+
+
 def _sequence(key: str, raw: str, current: Sequence[Any]) -> Any:
     text = raw.strip()
+    literal = _literal_sequence(text)
+    if literal is not None and any(isinstance(v, str) for v in literal):
+        kind = _element_type(list(current))
+        if kind not in (None, str):
+            raise _bad(key, raw, f"a sequence of {kind.__name__}")
+        return type(current)(literal)
     if len(text) >= 2 and (text[0], text[-1]) in (("(", ")"), ("[", "]")):
         text = text[1:-1]
     parts = [p.strip() for p in text.split(",")]
@@ -209,12 +239,67 @@ def _convert(config: ml_collections.ConfigDict, key: str, raw: str | None) -> An
 
 
 def apply_override(config: ml_collections.ConfigDict, key: str, raw: str | None) -> None:
-    """Set dotted ``key`` from the text ``raw``, parsed by the field's type."""
+    """Set dotted ``key`` from the text ``raw``, parsed by the field's type (directly,
+    without absl flags; ``parse`` sets the same values through config_flags)."""
     node, name, value = _convert(config, key, raw)
+    _set(node, name, key, raw, value)
+
+
+def _set(node: ml_collections.ConfigDict, name: str, key: str, raw: str | None,
+         value: Any) -> None:
     try:
         node[name] = value
     except (TypeError, ValueError, AttributeError, KeyError) as err:
         raise ConfigError(f"config key '{key}': cannot set {raw!r}: {err}") from err
+
+
+def _flag_text(node: ml_collections.ConfigDict, name: str, value: Any) -> str | None:
+    """``value`` as the text that config_flags' parser for field ``name`` reads back to
+    it, or None where it has none that would (None, list fields, fields that hold None,
+    non-finite floats inside a tuple)."""
+    current = node[name]
+    if value is None or current is None or isinstance(current, list):
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value) if not isinstance(value, float) else repr(value)
+    if isinstance(value, tuple):
+        text = repr(value)
+        try:
+            same = ast.literal_eval(text) == value
+        except (ValueError, SyntaxError):
+            same = False
+        return text if same else None
+    return None
+
+
+def _apply_overrides(config: ml_collections.ConfigDict,
+                     overrides: Sequence[tuple[str, str | None]]) -> None:
+    """Apply ``(key, raw text)`` overrides in order, the last of a repeated key winning:
+    each is read by its field's type (our errors), then set by config_flags, or directly
+    where config_flags cannot carry the value (see ``_flag_text``)."""
+    last: dict[str, str | None] = {}
+    for key, raw in overrides:
+        last.pop(key, None)
+        last[key] = raw
+    argv = ["chrpo"]
+    for key, raw in last.items():
+        node, name, value = _convert(config, key, raw)
+        text = _flag_text(node, name, value)
+        if text is None:
+            _set(node, name, key, raw, value)
+        else:
+            argv.append(f"--config.{key}={text}")
+    if len(argv) == 1:
+        return
+    holder = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", config, flag_values=holder, lock_config=False,
+                                    sys_argv=argv)
+    try:
+        holder(argv)
+    except (flags.Error, TypeError, ValueError, KeyError, AttributeError) as err:
+        raise ConfigError(f"config overrides {argv[1:]}: {err}") from err
 
 
 # ----------------------------------------------------------------------------- validation
@@ -300,8 +385,7 @@ def parse(argv: Sequence[str] | None = None, *, default: str | None = None,
     if spec is None:
         raise ConfigError("no config given: pass --config=path.py[:arg]")
     config, module_validate = _load(spec)
-    for key, raw in overrides:
-        apply_override(config, key, raw)
+    _apply_overrides(config, overrides)
     if wants_help:
         print(_help_text(config, spec))
         raise SystemExit(0)

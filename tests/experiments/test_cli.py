@@ -70,6 +70,9 @@ def test_defaults_and_lock(config_path):
     ("--config.rl.levels=[20, 60, 100]", "rl.levels", [20, 60, 100]),
     ("--config.rl.levels=()", "rl.levels", []),
     ("--config.rl.tags=x,y,z", "rl.tags", ("x", "y", "z")),
+    ("--config.rl.tags=('x,y', 'z')", "rl.tags", ("x,y", "z")),    # config_flags' literal form
+    ("--config.rl.tags=", "rl.tags", ()),
+    ("--config.optim.betas=(inf, 1)", "optim.betas", (float("inf"), 1.0)),
     ("--config.rl.ref_len=512", "rl.ref_len", 512),
     ("--config.rl.budget=0.25", "rl.budget", 0.25),
     ("--config.rl.budget=None", "rl.budget", None),
@@ -89,6 +92,36 @@ def test_space_separated_forms_and_config_arg(config_path):
 
 def test_later_override_wins(config_path):
     assert parse(config_path, "--config.seed=1", "--config.seed=2").seed == 2
+    # config_flags alone would join the two values of a tuple field
+    assert parse(config_path, "--config.rl.tags=p", "--config.rl.tags=q,r").rl.tags == ("q", "r")
+
+
+def test_config_flags_sets_the_values(config_path, monkeypatch):
+    calls = []
+    define = cli.config_flags.DEFINE_config_dict
+
+    def spy(name, config, **kwargs):
+        calls.append(list(kwargs["sys_argv"]))
+        return define(name, config, **kwargs)
+
+    monkeypatch.setattr(cli.config_flags, "DEFINE_config_dict", spy)
+    config = parse(config_path, "--config.seed=7", "--config.rl.tags=x,y", "--config.debug=on",
+                   "--config.rl.budget=none", "--config.rl.levels=1,2")
+    assert (config.seed, config.rl.tags, config.debug, config.rl.budget, config.rl.levels) == \
+        (7, ("x", "y"), True, None, [1, 2])
+    # None and list fields are set directly; the rest by config_flags, once, as typed text
+    assert calls == [["chrpo", "--config.seed=7", "--config.rl.tags=('x', 'y')",
+                      "--config.debug=true"]]
+
+
+@pytest.mark.parametrize("override", ["--config.seed=-1_000", "--config.optim.betas=(0.8, 1)",
+                                      "--config.size=a b=c", "--config.rl.budget=0.25",
+                                      "--config.rl.tags=('x,y', 'z')", "--config.notes=hello"])
+def test_parse_and_apply_override_agree(config_path, override):
+    key, raw = override[len("--config."):].split("=", 1)
+    direct = cli.load_config(config_path)
+    cli.apply_override(direct, key, raw)
+    assert cli.get(parse(config_path, override), key) == cli.get(direct, key)
 
 
 @pytest.mark.parametrize("override, message", [

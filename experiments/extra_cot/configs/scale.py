@@ -20,6 +20,7 @@ evaluates models.sharding_memory.estimate_memory on an abstract mesh of each tar
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from experiments import cli
 from experiments.extra_cot.configs import qwen3_1p7b
@@ -48,9 +49,11 @@ def scale_config(target: str) -> ml_collections.ConfigDict:
     c = qwen3_1p7b.get_config()
     c.run_dir = f"runs/qwen3_1p7b_{target.replace('-', '')}"
     c.mesh = ml_collections.ConfigDict(spec["mesh"])
+    # typed placeholders: None (JAX finds them on TPU pods and SLURM) or the given value
     c.distributed = ml_collections.ConfigDict(
-        {"enabled": spec["hosts"] > 1, "coordinator_address": None, "num_processes": None,
-         "process_id": None})
+        {"enabled": spec["hosts"] > 1, "coordinator_address": config_dict.placeholder(str),
+         "num_processes": config_dict.placeholder(int),
+         "process_id": config_dict.placeholder(int)})
     c.microbatches = ml_collections.ConfigDict(
         {"sft": spec["sft_microbatches"], "rl": spec["rl_microbatches"]})
     c.rl.minibatches = RL_MINIBATCHES
