@@ -2,7 +2,7 @@
 
 Layout (``Run(run_dir)``)::
 
-    run_dir/config.json                 the resolved pipeline config (cli.write_run_config)
+    run_dir/config.json                 the resolved pipeline config (run_config.write_run_config)
     run_dir/data/                       tokenizer + problem splits (sft, rl, val, test) as JSONL
     run_dir/<stage>/                    one folder per stage: checkpoints/, metrics.jsonl,
                                         tensorboard/, model/ (exported params), outputs

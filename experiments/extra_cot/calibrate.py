@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from data.formats import LEVELS
-from experiments import cli, rundir
+from experiments import run_config, rundir
 from experiments.extra_cot.datasets import read_questions
 from experiments.extra_cot.rollouts import answer_questions, place_model
 from models import sharding
@@ -159,7 +159,7 @@ def calibrate(config, run: rundir.Run) -> dict:
     # every answer pass kept in chunks as it is made: a killed stage resumes where it was
     partial = os.path.join(run.stage_dir("calibrate"), "partial")
     resume = os.path.join(partial, rundir.fingerprint({
-        "calibrate": cli.to_json_dict(block), "seed": config.seed,
+        "calibrate": run_config.to_json_dict(block), "seed": config.seed,
         "model": rundir.stage_record(run, "sft_mixed"), "uids": [q.uid for q in questions]}))
     by_level = {level: answer_questions(model, tok, questions, control=level,
                                         batch_size=block.batch_size,

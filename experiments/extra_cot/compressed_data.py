@@ -30,7 +30,7 @@ import numpy as np
 from data.compression import (CompressedCoT, complete_questions, compress_batch, rebucket,
                               sentence_units)
 from data.formats import EQUATION_TEXT, LEVELS, THINK_OPEN, build_prompt
-from experiments import cli, rundir
+from experiments import run_config, rundir
 from experiments.extra_cot import train_compressor
 from experiments.extra_cot.datasets import read_questions
 from experiments.extra_cot.rollouts import answer_questions, place_model
@@ -83,7 +83,7 @@ def selfcot(config, run: rundir.Run) -> dict:
     # chunks of answers kept as they are made: a killed stage resumes where it was
     partial = os.path.join(run.stage_dir("selfcot"), "partial")
     resume = os.path.join(partial, rundir.fingerprint({
-        "selfcot": cli.to_json_dict(block), "model": rundir.stage_record(run, "sft_base"),
+        "selfcot": run_config.to_json_dict(block), "model": rundir.stage_record(run, "sft_base"),
         "uids": [q.uid for q in questions]}))
     judged = answer_questions(model, tok, questions, control=None, batch_size=block.batch_size,
                               max_new_tokens=block.max_new_tokens, desc="selfcot",

@@ -43,7 +43,7 @@ import numpy as np
 
 import chrpo
 from data.formats import LEVELS, POLICY
-from experiments import cli, rundir
+from experiments import run_config, rundir
 from experiments.extra_cot import calibrate, stats
 from experiments.extra_cot.datasets import read_questions
 from experiments.extra_cot.rollouts import answer_questions, level_logprobs, place_model
@@ -268,7 +268,7 @@ def _fingerprint(config, run: rundir.Run, questions) -> str:
     under another fingerprint is never read."""
     stages = sorted(set(METHOD_STAGES.values()))
     return rundir.fingerprint({
-        "evaluate": cli.to_json_dict(config.evaluate),
+        "evaluate": run_config.to_json_dict(config.evaluate),
         "budget": config.rl.get("budget") if "rl" in config else None,
         "uids": [q.uid for q in questions],
         "done": {s: rundir.stage_record(run, s) for s in stages}})

@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 
-from experiments import cli, rundir
+from experiments import cli, run_config, rundir
 from experiments.extra_cot import calibrate, compressed_data, evaluate, rl, sft
 from experiments.extra_cot.configs import pipeline_blocks, stages
 from experiments.extra_cot.configs.stages import EXTRA_STAGES, STAGE_ORDER, selected_stages
@@ -134,9 +134,9 @@ def run_stages(config: ml_collections.ConfigDict, *, only: Mapping | None = None
     run, functions = rundir.Run(config.run_dir), stage_functions()
     started = [s for s in STAGE_ORDER + EXTRA_STAGES if os.path.lexists(run.path(s))]
     defaults = pipeline_blocks.base_config()
-    changes = cli.config_changes(config, config.run_dir, defaults=defaults)
+    changes = run_config.config_changes(config, config.run_dir, defaults=defaults)
     free = tuple(k for k, _, _ in changes if stages.changeable(k, started, forced))
-    cli.write_run_config(config, config.run_dir, resumable=RESUMABLE + free,
+    run_config.write_run_config(config, config.run_dir, resumable=RESUMABLE + free,
                          defaults=defaults)       # process 0 writes
     for key, old, new in changes:     # allowed, but a finished stage does not see it
         stale = [s for s in stages.key_readers(key)

@@ -37,7 +37,7 @@ from data.arithmetic import (ESSENTIAL, FILLER, FILLER_SUB_RANK, Problem, align_
 from data.compression import keep_mask_batch
 from data.formats import SEP
 from data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
-from experiments import cli
+from experiments import cli, run_config
 from models import sharding
 from models.compressor import Scorer, make_scorer, save_compressor
 from models.encoder import TokenClassifier, ordinal_loss
@@ -317,7 +317,7 @@ def main(config: ml_collections.ConfigDict, *, mesh: Mesh | None = None) -> dict
     ``mesh``: the device mesh to train on (default: the one ``config.mesh`` names)."""
     run_dir = config.run_dir
     os.makedirs(run_dir, exist_ok=True)
-    cli.write_run_config(config, run_dir, resumable=("train.log_every", "eval.*"))
+    run_config.write_run_config(config, run_dir, resumable=("train.log_every", "eval.*"))
     tokenizer = _tokenizer(config, run_dir)
     sep_id = tokenizer.token_to_id(SEP)
     d = config.data

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from experiments import cli
+from experiments import cli, run_config
 from experiments.trees import encoding as D
 from experiments.trees import model as M
 from experiments.trees import problems as T
@@ -164,7 +164,7 @@ def compiled_functions(model_config, *, paired: bool,
     """Jitted ``init(key) -> TrainState``, ``step``, ``evaluate`` and ``attention``,
     shared by every run (in this process) with the same model and optimiser
     settings: ``jax.jit`` caches compilations per function object and shape."""
-    key = (model_config, paired, json.dumps(cli.to_json_dict(optim), sort_keys=True))
+    key = (model_config, paired, json.dumps(run_config.to_json_dict(optim), sort_keys=True))
     if key in _COMPILED:
         return _COMPILED[key]
     optimizer, schedule = make_optimizer(optim, name="train.optim")
@@ -248,7 +248,7 @@ def train_run(config: ml_collections.ConfigDict, run_dir: str, *, quiet: bool = 
     os.makedirs(run_dir, exist_ok=True)
     # The sweep a run belongs to (its name, runs, output paths, verbosity) does not change
     # what it trains, so a finished run is reused by any exercise that lists it.
-    cli.write_run_config(config, run_dir, resumable=("name", "exercise", "runs", "run_dir",
+    run_config.write_run_config(config, run_dir, resumable=("name", "exercise", "runs", "run_dir",
                                                       "figures_dir", "quiet"))
     results_path = os.path.join(run_dir, RESULTS_FILE)
     if os.path.exists(results_path):

@@ -1,4 +1,5 @@
-"""Tests for experiments/cli.py: typed overrides, error messages, validation, run-dir configs."""
+"""Tests for experiments/cli.py (typed overrides, error messages, validation) and
+experiments/run_config.py (a run directory's config.json)."""
 import json
 import textwrap
 
@@ -7,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments import cli
+from experiments import cli, run_config
 
 CONFIG = textwrap.dedent("""
     import ml_collections
@@ -195,16 +196,16 @@ def test_help_lists_keys(config_path, capsys):
 
 def test_write_run_config_and_resume(config_path, tmp_path):
     run_dir = tmp_path / "run"
-    assert not cli.write_run_config(parse(config_path), run_dir, write=True)
-    saved = json.loads((run_dir / cli.CONFIG_FILE).read_text())
+    assert not run_config.write_run_config(parse(config_path), run_dir, write=True)
+    saved = json.loads((run_dir / run_config.CONFIG_FILE).read_text())
     assert saved["optim"]["betas"] == [0.9, 0.95] and saved["rl"]["ref_len"] is None
     resumable = ("optim.total_steps", "logging.*")
     same = parse(config_path, "--config.optim.total_steps=200", "--config.logging.every=5")
-    assert cli.write_run_config(same, run_dir, resumable=resumable, write=True)
-    assert json.loads((run_dir / cli.CONFIG_FILE).read_text())["optim"]["total_steps"] == 200
+    assert run_config.write_run_config(same, run_dir, resumable=resumable, write=True)
+    assert json.loads((run_dir / run_config.CONFIG_FILE).read_text())["optim"]["total_steps"] == 200
     changed = parse(config_path, "--config.seed=3", "--config.optim.betas=(0.9,0.99)")
     with pytest.raises(cli.ConfigError) as err:
-        cli.write_run_config(changed, run_dir, resumable=resumable, write=True)
+        run_config.write_run_config(changed, run_dir, resumable=resumable, write=True)
     assert "optim.betas: [0.9, 0.95] -> [0.9, 0.99]" in str(err.value)
     assert "seed: 0 -> 3" in str(err.value)
 
@@ -225,19 +226,19 @@ def test_a_key_added_with_its_default_does_not_block_a_resume(tmp_path):
     value of the new key is a change and is refused, naming it."""
     old = ml_collections.ConfigDict({"seed": 0, "rl": {"steps": 10}})
     run_dir = tmp_path / "run"
-    cli.write_run_config(old, run_dir, write=True)
+    run_config.write_run_config(old, run_dir, write=True)
     defaults = ml_collections.ConfigDict({"seed": 0, "rl": {"steps": 10, "budget_mode": "dual"}})
     extended = ml_collections.ConfigDict({"seed": 0, "rl": {"steps": 10, "budget_mode": "dual"}})
-    assert cli.write_run_config(extended, run_dir, write=True, defaults=defaults)
-    (run_dir / cli.CONFIG_FILE).unlink()                             # back to the old file
-    cli.write_run_config(old, run_dir, write=True)
+    assert run_config.write_run_config(extended, run_dir, write=True, defaults=defaults)
+    (run_dir / run_config.CONFIG_FILE).unlink()                             # back to the old file
+    run_config.write_run_config(old, run_dir, write=True)
     other = ml_collections.ConfigDict({"seed": 0, "rl": {"steps": 10, "budget_mode": "pid"}})
     with pytest.raises(cli.ConfigError, match=r"rl.budget_mode: <absent> -> \"pid\""):
-        cli.write_run_config(other, run_dir, write=True, defaults=defaults)
+        run_config.write_run_config(other, run_dir, write=True, defaults=defaults)
     with pytest.raises(cli.ConfigError, match=r"rl.budget_mode: <absent> -> \"dual\""):
-        cli.write_run_config(extended, run_dir, write=True)           # no defaults given
+        run_config.write_run_config(extended, run_dir, write=True)           # no defaults given
     # nor is it a change the pipeline warns about; another value of it is
-    assert cli.config_changes(extended, run_dir, defaults=defaults) == []
-    assert cli.config_changes(extended, run_dir) == [("rl.budget_mode", "<absent>", '"dual"')]
-    assert cli.config_changes(other, run_dir, defaults=defaults) == [
+    assert run_config.config_changes(extended, run_dir, defaults=defaults) == []
+    assert run_config.config_changes(extended, run_dir) == [("rl.budget_mode", "<absent>", '"dual"')]
+    assert run_config.config_changes(other, run_dir, defaults=defaults) == [
         ("rl.budget_mode", "<absent>", '"pid"')]

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from experiments import cli
+from experiments import cli, run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = ("experiments/extra_cot/configs/test.py", "experiments/extra_cot/configs/default.py")
@@ -132,7 +132,7 @@ def test_resuming_with_a_changed_config_exits_before_any_work(tmp_path, capsys):
     from experiments.extra_cot import pipeline
 
     run_dir = tmp_path / "run"
-    cli.write_run_config(parse(CONFIGS[0], f"--config.run_dir={run_dir}"), run_dir, write=True)
+    run_config.write_run_config(parse(CONFIGS[0], f"--config.run_dir={run_dir}"), run_dir, write=True)
     (run_dir / "sft_base").mkdir()      # the stage had begun (keys of unstarted stages may
     with pytest.raises(SystemExit) as exit_info:    # change: tests/extra_cot/test_pipeline.py)
         cli.run(pipeline.main, argv=[f"--config={CONFIGS[0]}", f"--config.run_dir={run_dir}",
@@ -140,5 +140,5 @@ def test_resuming_with_a_changed_config_exits_before_any_work(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: config differs from the run") and "sft_base.steps" in err
-    assert sorted(os.listdir(run_dir)) == [cli.CONFIG_FILE, "sft_base"]   # no work done
+    assert sorted(os.listdir(run_dir)) == [run_config.CONFIG_FILE, "sft_base"]   # no work done
     assert not os.listdir(run_dir / "sft_base")
