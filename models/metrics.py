@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -27,6 +28,20 @@ from typing import Any
 import jax
 import numpy as np
 import tqdm
+
+log = logging.getLogger(__name__)
+# tensorboardX logs "NaN or Inf found in input tensor." for every such scalar it is
+# given; MetricWriter says it once per metric name instead
+_TBX_LOG = logging.getLogger("tensorboardX.x2num")
+
+
+@contextlib.contextmanager
+def _silenced(logger: logging.Logger) -> Iterator[None]:
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 __all__ = ["METRICS_FILE", "MetricWriter", "Progress", "Timer", "read_metrics"]
 
@@ -64,7 +79,8 @@ class MetricWriter:
         re-run steps are not recorded twice.
 
     Non-finite values are written to JSONL as ``null`` (strict JSON) and to
-    TensorBoard as they are. Metric names may use '/' to group TensorBoard charts.
+    TensorBoard as they are, with one warning per metric name (not one per step).
+    Metric names may use '/' to group TensorBoard charts.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, enabled: bool | None = None,
@@ -72,6 +88,7 @@ class MetricWriter:
         self.run_dir = os.fspath(run_dir)
         self.enabled = _primary() if enabled is None else bool(enabled)
         self._file, self._tb = None, None
+        self._non_finite: set[str] = set()
         if not self.enabled:
             return
         os.makedirs(self.run_dir, exist_ok=True)
@@ -106,7 +123,15 @@ class MetricWriter:
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         if self._tb is not None:
             for name, value in values.items():
-                self._tb.add_scalar(name, float(value), global_step=int(step))
+                if math.isfinite(value):
+                    self._tb.add_scalar(name, float(value), global_step=int(step))
+                    continue
+                if name not in self._non_finite:
+                    self._non_finite.add(name)
+                    log.warning("metric '%s' is %s at step %d (null in %s, %s in TensorBoard; "
+                                "said once per metric)", name, value, step, METRICS_FILE, value)
+                with _silenced(_TBX_LOG):
+                    self._tb.add_scalar(name, float(value), global_step=int(step))
 
     def write_text(self, tag: str, text: str, *, step: int = 0) -> None:
         """A text entry for TensorBoard (e.g. the resolved config)."""

@@ -1,6 +1,7 @@
 """Tests for models/metrics.py: JSONL + TensorBoard records, progress bar, timers."""
 import glob
 import io
+import logging
 import os
 import struct
 
@@ -42,6 +43,19 @@ def test_writer_jsonl_and_tensorboard(tmp_path):
     assert ("train/loss", 1, 2.5) in events and ("tokens", 2, 41.0) in events
     nan_loss = [v for tag, step, v in events if tag == "train/loss" and step == 2]
     assert len(nan_loss) == 1 and np.isnan(nan_loss[0])
+
+
+def test_non_finite_metrics_warn_once_per_name(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        with metrics.MetricWriter(tmp_path, enabled=True) as writer:
+            for step in range(3):
+                writer.write(step, {"rl/acc_40": float("nan"), "loss": float("inf"), "ok": 1.0})
+    texts = [r.getMessage() for r in caplog.records]
+    assert not any("NaN or Inf found" in t for t in texts)   # tensorboardX's per-call line
+    assert sum("metric 'rl/acc_40' is nan" in t for t in texts) == 1
+    assert sum("metric 'loss' is inf" in t for t in texts) == 1
+    assert len([e for e in read_events(str(tmp_path)) if e[0] == "rl/acc_40"]) == 3
+    assert logging.getLogger("tensorboardX.x2num").disabled is False
 
 
 def test_writer_rejects_bad_metrics(tmp_path):
