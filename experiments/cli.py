@@ -251,10 +251,11 @@ def _set(node: ml_collections.ConfigDict, name: str, key: str, raw: str | None,
 
 def _flag_text(node: ml_collections.ConfigDict, name: str, value: Any) -> str | None:
     """``value`` as the text that config_flags' parser for field ``name`` reads back to
-    it, or None where it has none that would (None, list fields, fields that hold None,
-    non-finite floats inside a tuple)."""
+    it, or None where it has none that would (None, list fields, untyped fields that
+    hold None, non-finite floats inside a tuple)."""
     current = node[name]
-    if value is None or current is None or isinstance(current, list):
+    typed = isinstance(node._fields.get(name), config_dict.FieldReference)  # a placeholder
+    if value is None or (current is None and not typed) or isinstance(current, list):
         return None
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -107,12 +107,14 @@ def test_config_flags_sets_the_values(config_path, monkeypatch):
 
     monkeypatch.setattr(cli.config_flags, "DEFINE_config_dict", spy)
     config = parse(config_path, "--config.seed=7", "--config.rl.tags=x,y", "--config.debug=on",
-                   "--config.rl.budget=none", "--config.rl.levels=1,2")
-    assert (config.seed, config.rl.tags, config.debug, config.rl.budget, config.rl.levels) == \
-        (7, ("x", "y"), True, None, [1, 2])
-    # None and list fields are set directly; the rest by config_flags, once, as typed text
+                   "--config.rl.budget=none", "--config.rl.levels=1,2", "--config.rl.ref_len=9",
+                   "--config.notes=12")
+    assert (config.seed, config.rl.tags, config.debug, config.rl.budget, config.rl.levels,
+            config.rl.ref_len, config.notes) == (7, ("x", "y"), True, None, [1, 2], 9, 12)
+    # None, list and untyped None fields are set directly; the rest (placeholders too) by
+    # config_flags, once, as typed text
     assert calls == [["chrpo", "--config.seed=7", "--config.rl.tags=('x', 'y')",
-                      "--config.debug=true"]]
+                      "--config.debug=true", "--config.rl.ref_len=9"]]
 
 
 @pytest.mark.parametrize("override", ["--config.seed=-1_000", "--config.optim.betas=(0.8, 1)",
