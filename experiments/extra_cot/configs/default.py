@@ -2,8 +2,8 @@
 
     python -m experiments.extra_cot.pipeline          # this config (docs/results.md)
 
-14 min 38 s wall (seed 1 of the study, alone on 2 CPU cores; docs/results.md,
-"Time per stage"), evaluated on 1,000 test problems. The chains of thought
+About 11 minutes wall alone on 2 CPU cores (656 s for seed 1 of the study;
+docs/results.md, "Time per stage"), evaluated on 1,000 test problems. The chains of thought
 zero-pad their equations and quote each step's question sentence; base SFT
 weights equation tokens 4x (docs/results.md, "The base model"); the RL
 learning rate 5e-5 and the level-bonus width 0.4 were chosen on the
