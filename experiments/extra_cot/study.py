@@ -11,7 +11,7 @@ is missing. Then each seed's budget sweep runs (``sweep_runs``: from the seed's
 SFT models, CHRPO and its peers at every budget of ``study.sweep.budgets``), and
 the per-question verdicts of every run (``evaluate/responses.jsonl``) become
 ``<study.out_dir>``: study.json, study.md and accuracy_vs_actratio.png
-(experiments/extra_cot/study_report.py says what each holds).
+(experiments/extra_cot/study_report.py says what each holds; study_render.py writes them).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import ml_collections
 
 import chrpo
 from experiments import cli, rundir
-from experiments.extra_cot.study_report import study_report, sweep_markdown, write_report
+from experiments.extra_cot.study_render import sweep_markdown, write_report
+from experiments.extra_cot.study_report import study_report
 
 __all__ = ["UPSTREAM_STAGES", "SWEEP_METHODS", "seed_config", "link_stages", "sweep_config",
            "sweep_runs", "main"]

@@ -11,14 +11,12 @@ when given, each seed's budget sweep, ``experiments.extra_cot.study.sweep_runs``
   targets (``sweep_targets``) and, where the sweep decoded CHRPO under its budget,
   ``budget_decode_targets``. Rows of the sweep carry their ``budget``. Strict JSON.
 
-``markdown`` writes study.md, ``plot`` accuracy_vs_actratio.png (error bars from the
-seeds). The statistics are experiments/extra_cot/stats.py; the per-seed tables are
+experiments/extra_cot/study_render.py writes it as files (study.json, study.md and the
+plot accuracy_vs_actratio.png). The statistics are experiments/extra_cot/stats.py; the per-seed tables are
 experiments/extra_cot/evaluate.py's, so the study and a single run count alike.
 """
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -27,8 +25,8 @@ from experiments import rundir
 from experiments.extra_cot import evaluate, stats
 
 __all__ = ["COMPARISONS", "DIFFICULTY_METHODS", "PEERS", "POLICIES", "seed_tables", "sweep_rows",
-           "sweep_tables", "sweep_markdown", "frontier", "sweep_targets", "summarise",
-           "paired_tests", "targets", "study_report", "markdown", "plot", "write_report"]
+           "sweep_tables", "frontier", "sweep_targets", "summarise", "row_key", "paired_tests",
+           "targets", "study_report"]
 
 COMPARISONS = (
     (("extra-cot", "<COMP_20>"), ("tokenskip", "<COMP_20>")),
@@ -104,26 +102,6 @@ def sweep_tables(seed: int, runs: Mapping[tuple[str, float], Sequence[dict]], *,
     return rows, diff, paired
 
 
-def sweep_markdown(sweep: Mapping[int, Mapping[tuple[str, float], Sequence[dict]]], *,
-                   difficulty_key: str = "n_steps") -> str:
-    """One line per seed, method and budget: accuracy, ActRatio, mean level by difficulty
-    (the ``study.sweep.split='val'`` printout)."""
-    lines = ["| seed | method | budget | Acc (%) | ActRatio | mean level by difficulty |",
-             "|---:|---|---:|---:|---:|---|"]
-    for seed, runs in sorted(sweep.items()):
-        for (method, budget), got in sorted(runs.items()):
-            rows = sweep_rows(method, got, warm_start=False)
-            for t in evaluate.results_table(rows):
-                if t["method"] == "base":
-                    continue
-                prof = evaluate.difficulty_profile(rows, method=t["method"],
-                                                   key=difficulty_key)
-                levels = ", ".join(f"{p[difficulty_key]}: {p['mean_level']:.1f}" for p in prof)
-                lines.append(f"| {seed} | {t['method']} | {budget:g} | {_pct(t['accuracy'])} | "
-                             f"{t['act_ratio']:.3f} | {levels} |")
-    return "\n".join(lines) + "\n"
-
-
 def frontier(summary: Sequence[dict], act_ratio: float, *, method: str = "extra-cot"
              ) -> float | None:
     """The fixed-level frontier's accuracy at ``act_ratio``: the means over seeds of
@@ -193,7 +171,7 @@ def sweep_targets(summary: Sequence[dict], difficulty: Sequence[dict], *,
     return {"per_budget": out}
 
 
-def _key(row: Mapping) -> tuple:
+def row_key(row: Mapping) -> tuple:
     return row["method"], row["control"], row.get("budget")
 
 
@@ -203,7 +181,7 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
     t-interval wider than the range it lives in)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault(_key(r), []).append(r)
+        groups.setdefault(row_key(r), []).append(r)
     out = []
     for (method, control, budget), group in groups.items():
         group = sorted(group, key=lambda r: r["seed"])
@@ -313,133 +291,3 @@ def study_report(seed_rows: Mapping[int, Sequence[dict]], *, difficulty_key: str
         if decoded["per_budget"]:
             report["budget_decode_targets"] = decoded
     return rundir.strict_json(report)
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def markdown(report: Mapping) -> str:
-    """study.md: the mean table over seeds, the per-seed accuracies, paired tests, targets."""
-    seeds = report["seeds"]
-    lines = [f"Seeds {', '.join(map(str, seeds))}; {report['n_test']} held-out test problems per "
-             "seed. Acc = mean over seeds (95% Student-t interval over seeds); per seed: "
-             "accuracy (95% Wilson interval).", "",
-             "| method | control | Acc (%) | 95% CI (seeds) | spread | ActRatio | Tokens | "
-             + " | ".join(f"seed {s}" for s in seeds) + " |",
-             "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(seeds)]
-    by_seed = {(_key(r), r["seed"]): r for r in report["rows"]}
-    for t in report["summary"]:
-        cells = []
-        for s in seeds:
-            r = by_seed.get(((t["method"], t["control"], t["budget"]), s))
-            cells.append("-" if r is None else
-                         f"{_pct(r['acc'])} ({_pct(r['acc_ci'][0])}-{_pct(r['acc_ci'][1])})")
-        ratio = t["act_ratio_mean"]
-        name = t["method"] if t["budget"] is None else f"{t['method']} B={t['budget']}"
-        lines.append(f"| {name} | {t['control']} | {_pct(t['acc_mean'])} | "
-                     f"{_pct(t['acc_ci'][0])}-{_pct(t['acc_ci'][1])} | {_pct(t['acc_spread'])} | "
-                     f"{'-' if ratio is None else f'{ratio:.3f}'} | {t['tokens_mean']:.1f} | "
-                     + " | ".join(cells) + " |")
-    lines += ["", "Paired comparisons on the same questions (a - b, points; 95% paired-bootstrap "
-              "interval; exact McNemar p):", "",
-              "| seed | a | b | diff | 95% CI | a only | b only | McNemar p |",
-              "|---:|---|---|---:|---:|---:|---:|---:|"]
-    for p in report["paired"]:
-        at = "" if p.get("budget") is None else f" B={p['budget']:g}"
-        lines.append(f"| {p['seed']} | {p['a']['method']} {p['a']['control']}{at} | "
-                     f"{p['b']['method']} {p['b']['control']} | {100 * p['diff']:+.1f} | "
-                     f"{100 * p['diff_ci'][0]:+.1f} to {100 * p['diff_ci'][1]:+.1f} | "
-                     f"{p['a_only']} | {p['b_only']} | {p['p_mcnemar']:.3g} |")
-    t = report["targets"]
-    lines += ["", "Targets, seeds met of " + str(len(seeds)) + ": "
-              f"<COMP_20> >= base - 5 at ActRatio <= 0.35: {t['comp20_seeds_met']}; "
-              f"TokenSkip-style clearly below at <COMP_20>: {t['tokenskip_below_seeds_met']}; "
-              f"CHRPO >= base - 1: {t['chrpo_seeds_met']}."]
-    if "base_acc_mean" in t:
-        lines.append(f"Base model: mean {_pct(t['base_acc_mean'])}%, spread "
-                     f"{_pct(t['base_acc_spread'])} points.")
-    for key, who in (("budget_targets", "CHRPO"),
-                     ("budget_decode_targets", "CHRPO decoded under its budget (chrpo-budget)")):
-        if not report.get(key):
-            continue
-        lines += ["", f"Budget targets of {who} (means over seeds; the frontier is Extra-CoT's "
-                  "fixed levels interpolated at the policy's ActRatio; peers: the policy minus "
-                  "the peer, points, and the same on the frontier-relative scale):", "",
-                  "| budget | ActRatio | met | Acc (%) | frontier (%) | margin | level gap | "
-                  "vs peers |", "|---:|---:|---|---:|---:|---:|---:|---|"]
-        for e in report[key]["per_budget"]:
-            peers = "; ".join(
-                f"{m} {100 * p['acc_diff']:+.1f}"
-                + ("" if p["matched_margin"] is None else f" ({100 * p['matched_margin']:+.1f})")
-                for m, p in e["vs_peers"].items()) or "-"
-            gap, margin = e.get("level_gap"), e["frontier_margin"]
-            ratio, met = e["act_ratio"], e["budget_met"]
-            lines.append(f"| {e['budget']:g} | {'-' if ratio is None else f'{ratio:.3f}'} | "
-                         f"{'-' if met is None else ('yes' if met else 'no')} | "
-                         f"{_pct(e['acc'])} | "
-                         f"{_pct(e['frontier_acc'])} | "
-                         f"{'-' if margin is None else f'{100 * margin:+.1f}'} | "
-                         f"{'-' if gap is None else f'{gap:+.1f}'} | {peers} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: Mapping, path: str) -> str:
-    """Accuracy against ActRatio, means over seeds with their 95% intervals on both axes."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    summary = [t for t in report["summary"] if t["act_ratio_mean"] is not None]
-
-    def draw(points, fmt, label, **kw):
-        points = sorted(points, key=lambda t: t["act_ratio_mean"])
-        x = [t["act_ratio_mean"] for t in points]
-        y = [100 * t["acc_mean"] for t in points]
-        yerr = [[100 * (t["acc_mean"] - t["acc_ci"][0]) for t in points],
-                [100 * (t["acc_ci"][1] - t["acc_mean"]) for t in points]]
-        xerr = [[t["act_ratio_mean"] - t["act_ratio_ci"][0] for t in points],
-                [t["act_ratio_ci"][1] - t["act_ratio_mean"] for t in points]]
-        ax.errorbar(x, y, yerr=yerr, xerr=xerr, fmt=fmt, capsize=3, label=label, **kw)
-
-    for method, fmt in (("extra-cot", "o-"), ("tokenskip", "s--")):
-        pts = [t for t in summary if t["method"] == method and t["budget"] is None]
-        if pts:
-            draw(pts, fmt, f"{method} (fixed levels)")
-    for method, fmt in (("base", "*"), ("policy-warm-start", "v"), ("chrpo", "D")):
-        pts = [t for t in summary if t["method"] == method and t["budget"] is None]
-        if pts:
-            draw(pts, fmt, method, markersize=9)
-    for method, fmt in (("chrpo", "D-"), ("chrpo-budget", "P-"), ("lcpo", "^:"),
-                        ("length-penalty", "x:")):
-        pts = [t for t in summary if t["method"] == method and t["budget"] is not None]
-        if pts:
-            draw(pts, fmt, f"{method} (budget sweep)", markersize=7)
-    ax.set_xlabel("ActRatio (think tokens / base)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{len(report['seeds'])} seeds, {report['n_test']} test problems each")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    else:   # e.g. a base model with no think tokens: no ActRatio to place a point at
-        ax.text(0.5, 0.5, "nothing to draw: no method has an ActRatio", ha="center",
-                va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_report(report: Mapping, out_dir: str) -> list[str]:
-    """study.json, study.md and the plot under ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, "study.json"), os.path.join(out_dir, "study.md")]
-    with open(paths[0], "w") as f:
-        json.dump(report, f, indent=1, allow_nan=False)
-        f.write("\n")
-    with open(paths[1], "w") as f:
-        f.write(markdown(report))
-    paths.append(plot(report, os.path.join(out_dir, "accuracy_vs_actratio.png")))
-    return paths

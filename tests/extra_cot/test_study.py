@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments.extra_cot import stats, study, study_report
+from experiments.extra_cot import stats, study, study_render, study_report
 
 METHODS = (("base", "-", None), ("extra-cot", "<COMP_20>", 20), ("tokenskip", "<COMP_20>", 20),
            ("policy-warm-start", "<COMP_POLICY>", 20), ("chrpo", "<COMP_POLICY>", 40))
@@ -83,7 +83,7 @@ def test_targets_per_seed(report):
 
 
 def test_report_files_are_strict_json(tmp_path, report):
-    paths = study_report.write_report(report, str(tmp_path))
+    paths = study_render.write_report(report, str(tmp_path))
 
     def refuse(name):
         raise ValueError(name)
@@ -207,8 +207,14 @@ def test_sweep_rows_in_the_report():
              if p["seed"] == 2 and p["budget"] == 0.6}
     assert pairs == {("chrpo", "lcpo"), ("chrpo-budget", "lcpo"), ("chrpo", "base"),
                      ("chrpo-budget", "base"), ("chrpo-budget", "chrpo")}
-    text = study_report.markdown(report)
+    text = study_render.markdown(report)
     assert "Budget targets of CHRPO decoded under its budget" in text
+    # the level by difficulty, per seed: one line per seed, policy and budget
+    levels = [r for r in report["difficulty"] if r["seed"] == 2 and r["budget"] == 0.3
+              and r["method"] == "chrpo-budget"]
+    want = "; ".join(f"{r['n_steps']}: {r['mean_level']:.1f} ({100 * r['acc']:.1f}%)"
+                     for r in sorted(levels, key=lambda r: r["n_steps"]))
+    assert len(levels) >= 2 and f"| 2 | chrpo-budget | 0.3 | {want} |" in text
     json.dumps(report, allow_nan=False)
 
 
@@ -249,7 +255,7 @@ def test_link_stages_and_sweep_config(tmp_path):
 
 
 def test_sweep_markdown_lists_every_run():
-    text = study_report.sweep_markdown({0: sweep_verdicts(0)})
+    text = study_render.sweep_markdown({0: sweep_verdicts(0)})
     lines = text.strip().splitlines()
     assert len(lines) == 2 + 4 + 2                  # 4 runs, CHRPO's two with a budget decode
     assert "| 0 | chrpo | 0.3 |" in text and "| 0 | lcpo | 0.6 |" in text
