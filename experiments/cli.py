@@ -12,8 +12,8 @@ unknown key or unreadable value is a ``ConfigError`` that names the key and
 suggests close keys), hands the typed values to ``ml_collections.config_flags``
 (``DEFINE_config_dict`` on a private ``absl.flags.FlagValues``), which sets
 them, validates (the config module's ``validate(config)``, then any
-``validators``), locks the config and returns it. Nothing is ever ``eval``-ed;
-Python literal syntax is read by ``ast.literal_eval`` only.
+``validators``), locks the config and returns it. Nothing is ever ``eval``-ed:
+what config_flags reads is the text this module writes from the typed values.
 
 Override syntax (``--config.a.b=value`` or ``--config.a.b value``):
 
@@ -24,9 +24,9 @@ bool               true/false, 1/0, yes/no, on/off (any case); a bare flag = tru
 int                ``-3``, ``1_000`` (no fractions, no exponents)
 float              anything ``float()`` reads (``1e-4``, ``3``, ``inf``)
 str                the text as given
-tuple/list         ``1,2,3``, ``(1, 2)``, ``[a, b]``, ``()``; element type from
-                   the current elements (strings may not contain commas), or
-                   config_flags' Python literal form ``"('a,b', 'c')"``
+tuple/list         ``1,2,3``, ``(1, 2)``, ``[a, b]``, ``()``, config_flags'
+                   ``"('a', 'b')"``; element type from the current elements
+                   (strings may not contain commas)
 placeholder/None   ``none`` sets None; otherwise the declared type (placeholders)
                    or, for a plain None field, inferred: bool, int, float, str
 =================  ===========================================================
@@ -36,11 +36,11 @@ values of a tuple field).
 """
 from __future__ import annotations
 
-import ast
 import difflib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -177,31 +177,18 @@ def _element_type(items: Sequence[Any]) -> type | None:
     return float if float in kinds else kinds.pop()
 
 
-def _literal_sequence(text: str) -> list | None:
-    """``text`` as config_flags' Python literal form of a sequence of scalars, else None."""
-    if not text or text[0] not in "([":
-        return None
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return None
-    if not isinstance(value, (tuple, list)) or not all(
-            v is None or isinstance(v, (bool, int, float, str)) for v in value):
-        return None
-    return list(value)
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
 
 
 def _sequence(key: str, raw: str, current: Sequence[Any]) -> Any:
     text = raw.strip()
-    literal = _literal_sequence(text)
-    if literal is not None and any(isinstance(v, str) for v in literal):
-        kind = _element_type(list(current))
-        if kind not in (None, str):
-            raise _bad(key, raw, f"a sequence of {kind.__name__}")
-        return type(current)(literal)
     if len(text) >= 2 and (text[0], text[-1]) in (("(", ")"), ("[", "]")):
         text = text[1:-1]
-    parts = [p.strip() for p in text.split(",")]
+    # an element in matching quotes (config_flags' "('a', 'b')") is the text inside them
+    parts = [_unquote(p.strip()) for p in text.split(",")]
     if parts and parts[-1] == "":
         parts = parts[:-1]  # "1," and "()" alike
     kind = _element_type(list(current))
@@ -261,13 +248,10 @@ def _flag_text(node: ml_collections.ConfigDict, name: str, value: Any) -> str | 
         return "true" if value else "false"
     if isinstance(value, (int, float, str)):
         return str(value) if not isinstance(value, float) else repr(value)
-    if isinstance(value, tuple):
-        text = repr(value)
-        try:
-            same = ast.literal_eval(text) == value
-        except (ValueError, SyntaxError):
-            same = False
-        return text if same else None
+    if isinstance(value, tuple) and all(
+            isinstance(v, (bool, int, str)) or (isinstance(v, float) and math.isfinite(v))
+            for v in value):
+        return repr(value)   # read back by config_flags' tuple parser (ast.literal_eval)
     return None
 
 

@@ -71,7 +71,7 @@ def test_defaults_and_lock(config_path):
     ("--config.rl.levels=[20, 60, 100]", "rl.levels", [20, 60, 100]),
     ("--config.rl.levels=()", "rl.levels", []),
     ("--config.rl.tags=x,y,z", "rl.tags", ("x", "y", "z")),
-    ("--config.rl.tags=('x,y', 'z')", "rl.tags", ("x,y", "z")),    # config_flags' literal form
+    ("--config.rl.tags=('x', \"y z\")", "rl.tags", ("x", "y z")),   # config_flags' form
     ("--config.rl.tags=", "rl.tags", ()),
     ("--config.optim.betas=(inf, 1)", "optim.betas", (float("inf"), 1.0)),
     ("--config.rl.ref_len=512", "rl.ref_len", 512),
@@ -119,7 +119,7 @@ def test_config_flags_sets_the_values(config_path, monkeypatch):
 
 @pytest.mark.parametrize("override", ["--config.seed=-1_000", "--config.optim.betas=(0.8, 1)",
                                       "--config.size=a b=c", "--config.rl.budget=0.25",
-                                      "--config.rl.tags=('x,y', 'z')", "--config.notes=hello"])
+                                      "--config.rl.tags=('x', 'z')", "--config.notes=hello"])
 def test_parse_and_apply_override_agree(config_path, override):
     key, raw = override[len("--config."):].split("=", 1)
     direct = cli.load_config(config_path)
