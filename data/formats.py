@@ -158,6 +158,18 @@ def weight_equations(example: SFTExample, mask: np.ndarray, weight: float) -> SF
     return SFTExample(example.ids, w)
 
 
+def weight_level_token(example: SFTExample, weight: float) -> SFTExample:
+    """``example`` whose first response token (a policy example's chosen ``<COMP_xx>``)
+    weighs ``weight`` times each other response token in the loss (a weighted mean, as
+    in :func:`weight_equations`)."""
+    loss = np.asarray(example.loss_mask)
+    if not loss.any():
+        raise ValueError("weight_level_token: the example has no response token")
+    mask = np.zeros(loss.shape, dtype=bool)
+    mask[int(np.argmax(loss > 0))] = True
+    return weight_equations(example, mask, weight)
+
+
 def _example(prompt: list[int], response: list[int]) -> SFTExample:
     ids = np.asarray(prompt + response, dtype=np.int32)
     mask = np.zeros(ids.shape, dtype=bool)

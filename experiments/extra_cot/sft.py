@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 
 from data.arithmetic import ArithmeticConfig, drill_text
 from data.formats import (LEVELS, SFTExample, build_policy_example, build_sft_example,
-                          equation_token_mask, weight_equations)
+                          equation_token_mask, weight_equations, weight_level_token)
 from experiments import rundir
 from experiments.extra_cot.calibrate import policy_targets
 from experiments.extra_cot.datasets import read_questions, sft_batch
@@ -234,8 +234,10 @@ def sft_policy(config, run: rundir.Run) -> dict:
         if target is not None and row["levels"][str(target)]["correct"]:
             targets += 1
             cot = row["levels"][str(target)]["cot_ids"]
-            examples.append(build_policy_example(tok, q.question, cot, q.answer_text,
-                                                 target_level=target))
+            example = build_policy_example(tok, q.question, cot, q.answer_text,
+                                           target_level=target)
+            weight = float(config.sft_policy.get("control_weight", 1.0))
+            examples.append(example if weight == 1 else weight_level_token(example, weight))
         if config.sft_policy.level_examples:
             for level in LEVELS:
                 got = row["levels"][str(level)]

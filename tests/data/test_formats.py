@@ -143,6 +143,21 @@ def test_equation_token_mask_marks_exactly_the_equations(tok):
     assert F.equation_token_mask(tok, []).shape == (0,)
 
 
+def test_weight_level_token_scales_the_chosen_level_only(tok, problem):
+    ex = F.build_policy_example(tok, "What is 2+3?", tok.encode(problem.cot), problem.answer_text,
+                                target_level=60)
+    first = int(np.argmax(ex.loss_mask))
+    assert ex.ids[first] == tok.token_to_id("<COMP_60>")
+    w = F.weight_level_token(ex, 10.0).loss_mask
+    assert w[first] == 10.0 and np.all(w[first + 1:] == ex.loss_mask[first + 1:])
+    assert np.all(w[:first] == 0)
+    # composes with the equation weight: both factors where they meet, each alone elsewhere
+    both = F.weight_equations(F.weight_level_token(ex, 10.0), F.equation_token_mask(tok, ex.ids), 4.0)
+    assert both.loss_mask[first] == 10.0 and both.loss_mask.max() == 10.0
+    with pytest.raises(ValueError, match="no response token"):
+        F.weight_level_token(F.SFTExample(ex.ids, np.zeros_like(ex.loss_mask)), 2.0)
+
+
 def test_weight_equations_scales_response_equations_only(tok, problem):
     ex = F.build_sft_example(tok, "What is 2+3=5?", tok.encode(problem.cot), problem.answer_text)
     mask = F.equation_token_mask(tok, ex.ids)

@@ -38,6 +38,7 @@ def parse(*overrides, config=TEST_CONFIG):
     ("--config.rl.lagrange_step_size=inf", "rl.lagrange_step_size"),
     ("--config.rl.temperature=inf", "rl.temperature"),
     ("--config.sft_base.equation_weight=0", "sft_base.equation_weight"),
+    ("--config.sft_policy.control_weight=0", "sft_policy.control_weight"),
 ])
 def test_invalid_values_are_rejected_naming_the_key(override, key):
     with pytest.raises(cli.ConfigError, match=f"'{key}'"):

@@ -166,6 +166,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft_mixed = sft_block(init="sft_base", steps=1000, learning_rate=3e-3, batch_tokens=2048)
     c.sft_policy = sft_block(init="sft_mixed", steps=40, learning_rate=5e-4, batch_tokens=2048)
     c.sft_policy.level_examples = True
+    # loss weight of a policy example's chosen level token against its other response
+    # tokens (1: plain SFT): the one token that says which level the question gets
+    c.sft_policy.control_weight = 1.0
     c.sft_tokenskip = sft_block(init="sft_base", steps=1000, learning_rate=3e-3,  # = sft_mixed
                              batch_tokens=2048)
 
@@ -369,6 +372,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def _validate_rl(config: ml_collections.ConfigDict) -> None:
     r = config.rl
     cli.check_choice(config, "rl.init", ("sft_policy", "sft_mixed"))
+    cli.check_range(config, "sft_policy.control_weight", low=0.0, low_open=True, high=1000.0)
     updates = r.steps * r.passes * r.minibatches   # rl.py sets rl.optim.total_steps to this
     _check_block("rl.optim", lambda: make_optimizer({**r.optim.to_dict(), "total_steps": updates},
                                                     name="rl.optim"))
