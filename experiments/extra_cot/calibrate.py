@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -40,7 +40,8 @@ from experiments.extra_cot.rollouts import answer_questions, place_model
 from models import sharding
 
 __all__ = ["calibration_target", "reference_length", "level_accuracy", "level_costs",
-           "length_buckets", "budget_targets", "policy_targets", "calibrate", "STAGES"]
+           "length_buckets", "length_weights", "budget_targets", "policy_targets", "calibrate",
+           "STAGES"]
 
 
 def calibration_target(correct: Mapping[int, bool]) -> int | None:
@@ -94,15 +95,38 @@ def level_costs(rows: list[Mapping]) -> np.ndarray:
                      for r in counted], np.float32).mean(axis=0)
 
 
+def length_weights(rows: list[Mapping], question_tokens: Sequence[int]) -> np.ndarray:
+    """float32 [len(question_tokens)]: each question's expected share of the think tokens,
+    its reference length predicted from its question length over the mean prediction.
+
+    ActRatio is a ratio of token sums (``evaluate.results_table``: mean think tokens over
+    the base's), so a level costs a question its ratio times the question's reference
+    length over the mean one: a long question moved up a level spends more of the
+    budget than a short one. The prediction is the least-squares line of ``ref_len`` on
+    ``question_tokens`` over the calibration rows that have both (floored at 1 token);
+    all ones where the rows cannot fit a line (fewer than two distinct lengths).
+    """
+    q = np.asarray(question_tokens, np.float64)
+    pts = np.array([(r["question_tokens"], r["ref_len"]) for r in rows
+                    if r.get("ref_len") and "question_tokens" in r], np.float64).reshape(-1, 2)
+    if q.size == 0 or len(np.unique(pts[:, 0])) < 2:
+        return np.ones(q.shape, np.float32)
+    slope, intercept = np.polyfit(pts[:, 0], pts[:, 1], 1)
+    pred = np.maximum(intercept + slope * q, 1.0)
+    return (pred / pred.mean()).astype(np.float32)
+
+
 def budget_targets(rows: list[Mapping], budget: float, *, two_sided: bool = True,
-                   buckets: int = 0) -> tuple[list[int | None], dict]:
+                   buckets: int = 0, costs_by: str = "level") -> tuple[list[int | None], dict]:
     """One target level per calibration row at a mean ratio of ``budget``.
 
     ``chrpo.allocate_levels`` over the rows with a reference length: accuracy from
     ``level_accuracy``, the cost of level k the mean realized ratio of the level-k
-    answers (think tokens / ref_len) over those rows, the same for every question, so
-    questions differ only in what each level buys them. Rows without ``ref_len``
-    get None (no target, as in ``calibration_target``).
+    answers (think tokens / ref_len) over those rows, the same for every question
+    (``costs_by='level'``) or times the question's ``ref_len`` over the mean
+    (``costs_by='length'``: the share of the tokens it spends, so that the planned
+    ratio is ActRatio's; ``length_weights``). Rows without ``ref_len`` get None (no
+    target, as in ``calibration_target``).
 
     ``buckets > 0``: each question's accuracy is the mean over its bucket of
     question lengths (``length_buckets`` of ``question_tokens``), so the levels
@@ -128,8 +152,14 @@ def budget_targets(rows: list[Mapping], budget: float, *, two_sided: bool = True
         group = np.array(length_buckets([rows[i]["question_tokens"] for i in counted], buckets))
         for g in np.unique(group):
             acc[group == g] = acc[group == g].mean(axis=0)
+    if costs_by not in ("level", "length"):
+        raise ValueError(f"budget_targets: costs_by must be 'level' or 'length', got {costs_by!r}")
+    weight = np.ones(len(counted), np.float32)
+    if costs_by == "length":
+        ref = np.array([rows[i]["ref_len"] for i in counted], np.float32)
+        weight = ref / ref.mean()
     choice, mu, mean = chrpo.allocate_levels(jnp.asarray(acc),
-                                             jnp.broadcast_to(jnp.asarray(costs), acc.shape),
+                                             jnp.asarray(weight[:, None] * costs[None, :]),
                                              budget, two_sided=two_sided)
     targets: list[int | None] = [None] * len(rows)
     for i, c in zip(counted, np.asarray(choice).tolist()):
@@ -146,7 +176,8 @@ def policy_targets(config, rows: list[Mapping]) -> list[int | None]:
     if rl.budget is None or rl.get("budget_targets", "calibration") == "calibration":
         return [r["target"] for r in rows]
     return budget_targets(rows, rl.budget, two_sided=rl.get("budget_two_sided", False),
-                          buckets=rl.get("allocation_buckets", 0))[0]
+                          buckets=rl.get("allocation_buckets", 0),
+                          costs_by=rl.get("budget_costs", "level"))[0]
 
 
 def calibrate(config, run: rundir.Run) -> dict:

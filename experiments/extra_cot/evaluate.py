@@ -17,9 +17,10 @@ Methods (greedy decoding on the test questions; stage ``evaluate_val``: validati
 "Decoding under a budget"): on the validation questions the policy's log-probabilities
 of the levels ``u[q, k]`` (``rollouts.level_logprobs``) and the levels' costs (their
 mean realized ratio in the calibration, ``calibrate.level_costs``; their nominal k / 100
-where no calibration answer had a reference length) give the multiplier
-mu at which ``chrpo.allocate_levels`` spends a mean ratio of B; each test question then
-takes ``argmax_k u[q, k] - mu * cost[k]`` (``chrpo.choose_levels``) on its own, that
+where no calibration answer had a reference length; with ``rl.budget_costs='length'``
+times each question's share of the tokens, ``calibrate.length_weights``) give the
+multiplier mu at which ``chrpo.allocate_levels`` spends a mean ratio of B; each test
+question then takes ``argmax_k u[q, k] - mu * cost[q, k]`` (``chrpo.choose_levels``) on its own, that
 level's control token is forced and the rest is decoded greedily. No test answer is
 seen; mu and the validation mean are in results.json (``budget_decode``).
 
@@ -75,19 +76,32 @@ def method_plan(block: ml_collections.ConfigDict, *, budget: float | None = None
 
 
 def budget_decode_levels(model, tok, val_questions, questions, *, budget: float,
-                         costs: np.ndarray, batch_size: int) -> tuple[list[int], dict]:
+                         costs: np.ndarray, batch_size: int,
+                         val_weights: np.ndarray | None = None,
+                         weights: np.ndarray | None = None) -> tuple[list[int], dict]:
     """The level of each of ``questions`` when the policy is decoded under ``budget``
-    (module docstring): mu from ``val_questions``, then one rule per question."""
+    (module docstring): mu from ``val_questions``, then one rule per question.
+    ``val_weights`` / ``weights``: each question's share of the tokens
+    (``calibrate.length_weights``); a level costs a question ``costs[k]`` times it
+    (ones: the same cost for every question)."""
     if not val_questions:
         raise ValueError("chrpo-budget needs validation questions to set its multiplier")
+    costs = np.asarray(costs, np.float32)
+
+    def cost_of(w, n):
+        w = np.ones(n, np.float32) if w is None else np.asarray(w, np.float32)
+        if w.shape != (n,):
+            raise ValueError(f"budget_decode_levels: {w.shape[0]} weights for {n} questions")
+        return w[:, None] * costs[None, :]
+
     u_val = level_logprobs(model, tok, val_questions, levels=LEVELS, batch_size=batch_size)
-    cost = np.broadcast_to(np.asarray(costs, np.float32), u_val.shape)
-    _, mu, val_mean = chrpo.allocate_levels(u_val, cost, budget, two_sided=True,
-                                            max_multiplier=1e4)
+    _, mu, val_mean = chrpo.allocate_levels(u_val, cost_of(val_weights, len(val_questions)),
+                                            budget, two_sided=True, max_multiplier=1e4)
     u = level_logprobs(model, tok, questions, levels=LEVELS, batch_size=batch_size)
-    choice = chrpo.choose_levels(u, np.broadcast_to(cost[:1], u.shape), mu)
-    levels = [LEVELS[c] for c in np.asarray(choice).tolist()]
-    planned = float(np.mean([costs[LEVELS.index(lv)] for lv in levels])) if levels else None
+    cost = cost_of(weights, len(questions))
+    choice = np.asarray(chrpo.choose_levels(u, cost, mu))
+    levels = [LEVELS[c] for c in choice.tolist()]
+    planned = float(np.mean(cost[np.arange(len(levels)), choice])) if levels else None
     return levels, {"budget": float(budget), "multiplier": float(mu),
                     "val_questions": len(val_questions), "val_planned_ratio": float(val_mean),
                     "planned_ratio": planned,
@@ -253,9 +267,15 @@ def _budget_levels(config, run: rundir.Run, model, tok, questions, *, budget: fl
         costs, source = np.asarray(LEVELS, np.float32) / 100, "nominal"
         print("[evaluate] chrpo-budget: no calibration row has a reference length; "
               "the level costs are their nominal ratios k / 100", flush=True)
+    costs_by = config.rl.get("budget_costs", "level")
+    weights = {"val_weights": None, "weights": None}
+    if costs_by == "length":        # ActRatio is a ratio of token sums: long questions cost more
+        weights = {name: calibrate.length_weights(calib, [len(tok.encode(q.question)) for q in qs])
+                   for name, qs in (("val_weights", val), ("weights", questions))}
     levels, decode = budget_decode_levels(model, tok, val, questions, budget=budget,
-                                          costs=costs, batch_size=config.evaluate.batch_size)
-    decode["level_costs_from"] = source
+                                          costs=costs, batch_size=config.evaluate.batch_size,
+                                          **weights)
+    decode["level_costs_from"], decode["costs_by"] = source, costs_by
     print(f"[evaluate] chrpo-budget: B={budget:g}, mu={decode['multiplier']:.3g}, "
           f"planned ratio {decode['val_planned_ratio']:.3f} on "
           f"{decode['val_questions']} validation questions", flush=True)
@@ -270,6 +290,8 @@ def _fingerprint(config, run: rundir.Run, questions) -> str:
     return rundir.fingerprint({
         "evaluate": run_config.to_json_dict(config.evaluate),
         "budget": config.rl.get("budget") if "rl" in config else None,
+        **({"budget_costs": config.rl.budget_costs}
+           if "rl" in config and config.rl.get("budget_costs", "level") != "level" else {}),
         "uids": [q.uid for q in questions],
         "done": {s: rundir.stage_record(run, s) for s in stages}})
 

@@ -94,6 +94,24 @@ def test_budget_decode_meets_the_budget_planned_on_validation(tok, model):
         budget_decode_levels(model, tok, [], test, budget=0.3, costs=COSTS, batch_size=8)
 
 
+def test_budget_decode_with_token_shares(tok, model):
+    val, test = _questions(7, 24), _questions(8, 12)
+    # weights of the mean one: the same levels and plan as the unweighted decode
+    plain, a = budget_decode_levels(model, tok, val, test, budget=0.5, costs=COSTS, batch_size=8)
+    ones, b = budget_decode_levels(model, tok, val, test, budget=0.5, costs=COSTS, batch_size=8,
+                                   val_weights=np.ones(len(val)), weights=np.ones(len(test)))
+    assert plain == ones and a["multiplier"] == pytest.approx(b["multiplier"])
+    # the planned ratio is the token-weighted one: the mean of share x cost of each choice
+    w = np.linspace(0.5, 1.5, len(test))
+    levels, info = budget_decode_levels(model, tok, val, test, budget=0.5, costs=COSTS,
+                                        batch_size=8, weights=w)
+    want = np.mean([wi * COSTS[LEVELS.index(lv)] for wi, lv in zip(w, levels)])
+    assert info["planned_ratio"] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="weights for"):
+        budget_decode_levels(model, tok, val, test, budget=0.5, costs=COSTS, batch_size=8,
+                             weights=w[:-1])
+
+
 def test_chrpo_budget_comes_with_chrpo_when_a_budget_is_set():
     block = ml_collections.ConfigDict({"levels": (20,), "tokenskip_levels": (),
                                        "methods": ("base", "chrpo")})

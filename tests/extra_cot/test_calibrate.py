@@ -1,6 +1,7 @@
 """Calibration rule: reference length and the strictly monotone target level."""
 import itertools
 
+import numpy as np
 import pytest
 
 from data.formats import LEVELS
@@ -71,6 +72,34 @@ def test_budget_targets_give_hard_questions_the_long_levels():
     assert tight == [20] * 10 + [None]
     assert level_accuracy({"levels": {str(lv): {"correct": lv >= 60} for lv in LEVELS}}) == {
         20: 0.0, 40: 0.0, 60: 1.0, 80: 1.0, 100: 1.0}
+
+
+def test_length_weights_predict_each_questions_share_of_the_tokens():
+    from experiments.extra_cot.calibrate import length_weights
+    rows = [{"question_tokens": q, "ref_len": 10 + 2 * q} for q in (5, 10, 20)]
+    rows.append({"question_tokens": 7, "ref_len": None})            # no reference: not fitted
+    # ref_len = 10 + 2 q exactly: predictions 30, 50 for q = 10, 20 -> shares 0.75, 1.25
+    np.testing.assert_allclose(length_weights(rows, [10, 20]), [0.75, 1.25], rtol=1e-6)
+    assert length_weights(rows, [10, 20]).dtype == np.float32
+    assert length_weights(rows, []).shape == (0,)
+    same = [{"question_tokens": 8, "ref_len": r} for r in (30, 50)]   # one length: no line
+    np.testing.assert_array_equal(length_weights(same, [3, 9]), [1.0, 1.0])
+
+
+def test_length_costs_make_long_questions_dearer():
+    from experiments.extra_cot.calibrate import budget_targets
+    # two questions gain from 60 alike at the same ratios; the long one (ref 300) spends
+    # three times the short one's tokens: shares 0.5 and 1.5 of the mean
+    rows = [_row("short", (0.2, 0.4, 1.0, 1.0, 1.0), ref=100),
+            _row("long", (0.2, 0.4, 1.0, 1.0, 1.0), ref=300, think=(60, 135, 180, 240, 300))]
+    by_level, _ = budget_targets(rows, 0.3)
+    by_length, info = budget_targets(rows, 0.3, costs_by="length")
+    # per question, one move to 60 costs (0.2 + 0.6) / 2 = 0.4 > 0.3: nobody moves; by
+    # tokens the short one's move costs (0.5 x 0.6 + 1.5 x 0.2) / 2 = 0.3 exactly
+    assert by_level == [20, 20] and by_length == [60, 20]
+    assert info["planned_ratio"] == pytest.approx(0.3, abs=1e-6)
+    with pytest.raises(ValueError, match="costs_by"):
+        budget_targets(rows, 0.3, costs_by="tokens")
 
 
 def test_policy_targets_follow_the_config():

@@ -218,6 +218,11 @@ def base_config() -> ml_collections.ConfigDict:
     # > 0: the allocation pools accuracy over this many buckets of question length
     # (experiments.extra_cot.calibrate.budget_targets), so the targets follow what the prompt shows
     r.allocation_buckets = 0
+    # the cost of a level on a question, for the allocation and the budget decode: 'level'
+    # (its mean ratio, the same for every question) or 'length' (times the question's
+    # share of the tokens, experiments.extra_cot.calibrate.length_weights: ActRatio is a
+    # ratio of token sums, so moving a long question up spends more of the budget)
+    r.budget_costs = "length"
     # 'dual': projected dual ascent at lagrange_step_size (the paper's update);
     # 'pid': chrpo.update_pid_lagrange with the gains of rl.pid
     r.budget_controller = "dual"
@@ -383,6 +388,7 @@ def _validate_rl(config: ml_collections.ConfigDict) -> None:
               "must be None (no global budget) or a mean ratio in (0, 1]")
     cli.check_range(config, "rl.lagrange_step_size", low=0.0, low_open=True)
     cli.check_choice(config, "rl.budget_targets", ("calibration", "allocation"))
+    cli.check_choice(config, "rl.budget_costs", ("level", "length"))
     cli.check_choice(config, "rl.budget_controller", ("dual", "pid"))
     cli.check(config, "rl.allocation_buckets", lambda v: isinstance(v, int)
               and not isinstance(v, bool) and v >= 0, "must be an int >= 0")
