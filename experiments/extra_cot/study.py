@@ -89,6 +89,9 @@ def sweep_config(config: ml_collections.ConfigDict, seed: int, run_dir: str, *,
     c.rl.pid.update(sweep.pid.to_dict())
     c.rl.allocation_buckets = sweep.allocation_buckets
     c.rl.budget = budget
+    # the schedule's length with it (seed_config resolved the block's reference)
+    c.sft_policy.steps = c.sft_policy.optim.total_steps = sweep.sft_policy.steps
+    c.sft_policy.control_weight = sweep.sft_policy.control_weight
     # the warm start is the same for every method at a budget: answered in CHRPO's run only
     c.evaluate.methods = ("base", "chrpo") if method not in (None, "chrpo") else (
         "base", "policy-warm-start", "chrpo")

@@ -245,6 +245,10 @@ def test_link_stages_and_sweep_config(tmp_path):
     assert one.rl.budget_targets == "allocation" and one.rl.budget_controller == "pid"
     assert one.rl.forced_levels == (20, 40, 60, 80, 100) and one.rl.forced_samples == 1
     assert one.rl.objective.ratio_width == c.rl.objective.ratio_width
+    # the sweep's warm start: its steps (the schedule follows) and level-token weight
+    assert (one.sft_policy.steps, one.sft_policy.optim.total_steps,
+            one.sft_policy.control_weight) == (200, 200, 10.0)
+    assert c.sft_policy.steps == 40            # the seed's own pipeline keeps its warm start
     ours = study.sweep_config(c, 1, str(tmp_path / "y"), budget=0.3, method="chrpo", stage="rl")
     assert ours.rl.objective.global_mode == "advantage" and ours.rl.objective.bonus_shape == "peak"
     assert ours.rl.objective.estimator == "hierarchical"
