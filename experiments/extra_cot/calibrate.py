@@ -40,7 +40,7 @@ from experiments.extra_cot.rollouts import answer_questions, place_model
 from models import sharding
 
 __all__ = ["calibration_target", "reference_length", "level_accuracy", "level_costs",
-           "length_buckets", "length_weights", "budget_targets", "policy_targets", "calibrate",
+           "length_buckets", "question_tokens", "length_weights", "budget_targets", "policy_targets", "calibrate",
            "STAGES"]
 
 
@@ -95,9 +95,16 @@ def level_costs(rows: list[Mapping]) -> np.ndarray:
                      for r in counted], np.float32).mean(axis=0)
 
 
-def length_weights(rows: list[Mapping], question_tokens: Sequence[int]) -> np.ndarray:
-    """float32 [len(question_tokens)]: each question's expected share of the think tokens,
-    its reference length predicted from its question length over the mean prediction.
+def question_tokens(tokenizer, question: str) -> int:
+    """A question's length as the calibration rows record it (``question_tokens``) and
+    ``length_weights`` reads it: its tokens, without the prompt template."""
+    return len(tokenizer.encode(question))
+
+
+def length_weights(rows: list[Mapping], lengths: Sequence[int]) -> np.ndarray:
+    """float32 [len(lengths)]: each question's expected share of the think tokens, its
+    reference length predicted from its question length (``lengths``, as
+    ``question_tokens`` counts them) over the mean prediction.
 
     ActRatio is a ratio of token sums (``evaluate.results_table``: mean think tokens over
     the base's), so a level costs a question its ratio times the question's reference
@@ -106,7 +113,7 @@ def length_weights(rows: list[Mapping], question_tokens: Sequence[int]) -> np.nd
     ``question_tokens`` over the calibration rows that have both (floored at 1 token);
     all ones where the rows cannot fit a line (fewer than two distinct lengths).
     """
-    q = np.asarray(question_tokens, np.float64)
+    q = np.asarray(lengths, np.float64)
     pts = np.array([(r["question_tokens"], r["ref_len"]) for r in rows
                     if r.get("ref_len") and "question_tokens" in r], np.float64).reshape(-1, 2)
     if q.size == 0 or len(np.unique(pts[:, 0])) < 2:
@@ -216,7 +223,7 @@ def calibrate(config, run: rundir.Run) -> dict:
         full = verdicts[100]
         rows.append({
             "uid": q.uid,
-            "question_tokens": len(tok.encode(q.question)),
+            "question_tokens": question_tokens(tok, q.question),
             "ref_len": reference_length(full.correct, full.think_length),
             "target": calibration_target({lv: j.correct for lv, j in verdicts.items()}),
             "levels": {str(lv): {**j.row(), "cot_ids": list(j.cot_ids)}

@@ -20,8 +20,8 @@ mean realized ratio in the calibration, ``calibrate.level_costs``; their nominal
 where no calibration answer had a reference length; with ``rl.budget_costs='length'``
 times each question's share of the tokens, ``calibrate.length_weights``) give the
 multiplier mu at which ``chrpo.allocate_levels`` spends a mean ratio of B; each test
-question then takes ``argmax_k u[q, k] - mu * cost[q, k]`` (``chrpo.choose_levels``) on its own, that
-level's control token is forced and the rest is decoded greedily. No test answer is
+question then takes ``argmax_k u[q, k] - mu * cost[q, k]`` (``chrpo.choose_levels``) on
+its own, that level's control token is forced and the rest is decoded greedily. No test answer is
 seen; mu and the validation mean are in results.json (``budget_decode``).
 
 Per method (docs/method.md, "Evaluation"): Acc = exact answer match after
@@ -270,7 +270,8 @@ def _budget_levels(config, run: rundir.Run, model, tok, questions, *, budget: fl
     costs_by = config.rl.get("budget_costs", "level")
     weights = {"val_weights": None, "weights": None}
     if costs_by == "length":        # ActRatio is a ratio of token sums: long questions cost more
-        weights = {name: calibrate.length_weights(calib, [len(tok.encode(q.question)) for q in qs])
+        weights = {name: calibrate.length_weights(
+                       calib, [calibrate.question_tokens(tok, q.question) for q in qs])
                    for name, qs in (("val_weights", val), ("weights", questions))}
     levels, decode = budget_decode_levels(model, tok, val, questions, budget=budget,
                                           costs=costs, batch_size=config.evaluate.batch_size,
