@@ -6,7 +6,8 @@ Layout (``Run(run_dir)``)::
     run_dir/data/                       tokenizer + problem splits (sft, rl, val, test) as JSONL
     run_dir/<stage>/                    one folder per stage: checkpoints/, metrics.jsonl,
                                         tensorboard/, model/ (exported params), outputs
-    run_dir/<stage>/done.json           written last: the stage's summary and wall time
+    run_dir/<stage>/done.json           written last: the stage's summary, wall time and
+                                        ``environment`` (package versions, backend, CPU)
 
 A stage counts as done when its ``done.json`` exists, so the pipeline skips it on
 a re-run and a crashed stage resumes from its own checkpoints.
@@ -27,7 +28,10 @@ import hashlib
 import json
 import math
 import os
+import platform
+import sys
 import time
+from importlib import metadata
 from collections.abc import Callable
 from typing import Any
 
@@ -38,8 +42,8 @@ from data.tokenizers import Tokenizer, load_tokenizer
 from models import model_dir, sharding
 from models.qwen3 import Qwen3, Qwen3Config
 
-__all__ = ["DONE_FILE", "Run", "strict_json", "model_config", "build_model", "export_model", "load_model",
-           "read_jsonl", "write_jsonl", "run_stage"]
+__all__ = ["DONE_FILE", "Run", "strict_json", "environment", "model_config", "build_model",
+           "export_model", "load_model", "read_jsonl", "write_jsonl", "run_stage"]
 
 DONE_FILE = "done.json"
 MODEL_FILE = "model.json"   # the architecture beside <stage_dir>/model
@@ -108,9 +112,44 @@ def strict_json(value):
     return value
 
 
+ENVIRONMENT_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint",
+                        "tokenizers")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict[str, Any]:
+    """What a run's numbers may depend on beyond its config: Python, the numeric
+    packages' versions, JAX's backend and devices, the CPU. A stage rerun on another
+    machine can differ in the last bit of a float and, through greedy decoding, in
+    whole answers (docs/results.md), so every done.json records this."""
+    import jax  # noqa: PLC0415
+
+    versions = {}
+    for name in ENVIRONMENT_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    devices = jax.devices()
+    return {"python": sys.version.split()[0], "packages": versions,
+            "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
+            "device_count": len(devices), "machine": platform.machine(), "cpu": _cpu_model()}
+
+
 def run_stage(run: Run, name: str, fn: Callable[[], dict], *, force: bool = False) -> dict:
-    """Run ``fn`` unless the stage is done; record its summary with ``seconds`` (wall)
-    and ``cpu_seconds`` (this process, all threads: a load-independent cost).
+    """Run ``fn`` unless the stage is done; record its summary with ``seconds`` (wall),
+    ``cpu_seconds`` (this process, all threads: a load-independent cost) and
+    ``environment`` (``environment()``).
 
     Process 0 writes ``done.json``; every process then waits at a barrier named
     after the stage, so all of them see the stage's files before the next one."""
@@ -120,6 +159,7 @@ def run_stage(run: Run, name: str, fn: Callable[[], dict], *, force: bool = Fals
     summary = dict(fn() or {})
     summary["seconds"] = time.perf_counter() - start
     summary["cpu_seconds"] = time.process_time() - cpu
+    summary["environment"] = environment()
     run.mark_done(name, summary)
     sharding.sync_processes(f"stage {name} done")
     return summary

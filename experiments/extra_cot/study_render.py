@@ -3,9 +3,9 @@
     write_report(study_report(...), "docs/figures/study")
 
 ``markdown`` is study.md (the mean table over seeds, the per-seed accuracies, the
-paired tests, the targets, the CHRPO policies' level by difficulty), ``plot``
-accuracy_vs_actratio.png (error bars from the seeds), ``sweep_markdown`` the budget
-sweep's printout on the validation split. The report itself is
+paired tests, the targets, the fixed-level ceilings, the CHRPO policies' level by
+difficulty), ``plot`` accuracy_vs_actratio.png (error bars from the seeds),
+``sweep_markdown`` the budget sweep's printout on the validation split. The report itself is
 experiments/extra_cot/study_report.py's.
 """
 from __future__ import annotations
@@ -106,7 +106,39 @@ def markdown(report: Mapping) -> str:
                          f"{_pct(e['frontier_acc'])} | "
                          f"{'-' if margin is None else f'{100 * margin:+.1f}'} | "
                          f"{'-' if gap is None else f'{gap:+.1f}'} | {peers} |")
-    return "\n".join(lines + _level_lines(report)) + "\n"
+    return "\n".join(lines + _bound_lines(report) + _level_lines(report)) + "\n"
+
+
+def _bound_lines(report: Mapping) -> list[str]:
+    """The level bounds (study_report.level_bounds): means over seeds, per budget."""
+    bounds = report.get("level_bounds")
+    if not bounds:
+        return []
+    lines = ["", "The most a choice among Extra-CoT's fixed levels could answer at each budget, "
+             "in hindsight on the test answers (a ceiling, not a method; per question, or one "
+             "level mix per difficulty); mean level by difficulty averaged over seeds:", "",
+             "| budget | bound | Acc (%) | 95% CI (seeds) | ActRatio | per seed | mean level |",
+             "|---:|---|---:|---:|---:|---|---|"]
+    for t in bounds["summary"]:
+        got = [b for b in bounds["rows"] if b["bound"] == t["bound"]
+               and b["budget"] == t["budget"]]
+        keys = sorted({k for b in got for k in b["mean_level"]}, key=_numeric_first)
+        means = {k: _mean([b["mean_level"][k] for b in got if k in b["mean_level"]])
+                 for k in keys}
+        level = "; ".join(f"{k}: {v:.1f}" for k, v in means.items())
+        lines.append(f"| {t['budget']:g} | {t['bound']} | {_pct(t['acc_mean'])} | "
+                     f"{_pct(t['acc_ci'][0])}-{_pct(t['acc_ci'][1])} | "
+                     f"{t['act_ratio_mean']:.3f} | "
+                     + " / ".join(_pct(a) for a in t["acc_by_seed"]) + f" | {level or '-'} |")
+    return lines
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _numeric_first(key: str):
+    return (0, float(key), "") if key.replace(".", "", 1).lstrip("-").isdigit() else (1, 0.0, key)
 
 
 def _level_lines(report: Mapping) -> list[str]:
@@ -114,8 +146,9 @@ def _level_lines(report: Mapping) -> list[str]:
     rows = [r for r in report.get("difficulty", ()) if r["method"] in ("chrpo", "chrpo-budget")]
     if not rows:
         return []
-    key = next(k for k in rows[0] if k not in ("seed", "method", "budget", "mean_level", "acc",
-                                                "think_tokens", "n"))
+    key = report.get("difficulty_key") or next(      # reports before the key was recorded
+        k for k in rows[0] if k not in ("seed", "method", "budget", "mean_level", "acc",
+                                        "think_tokens", "n"))
     cells: dict[tuple, list[str]] = {}
     for r in sorted(rows, key=lambda r: (r["seed"], r["method"], r.get("budget") or 0, r[key])):
         level = "-" if r["mean_level"] is None else f"{r['mean_level']:.1f}"
@@ -161,6 +194,15 @@ def plot(report: Mapping, path: str) -> str:
         pts = [t for t in summary if t["method"] == method and t["budget"] is not None]
         if pts:
             draw(pts, fmt, f"{method} (budget sweep)", markersize=7)
+    for bound, fmt in (("per_question", "k:"), ("per_difficulty", "k--")):
+        pts = sorted((t for t in (report.get("level_bounds") or {}).get("summary", ())
+                      if t["bound"] == bound), key=lambda t: t["act_ratio_mean"])
+        if pts:
+            ax.errorbar([t["act_ratio_mean"] for t in pts], [100 * t["acc_mean"] for t in pts],
+                        yerr=[[100 * (t["acc_mean"] - t["acc_ci"][0]) for t in pts],
+                              [100 * (t["acc_ci"][1] - t["acc_mean"]) for t in pts]],
+                        fmt=fmt, capsize=2, alpha=0.6, linewidth=1,
+                        label=f"fixed-level ceiling, {bound.replace('_', ' ')} (hindsight)")
     ax.set_xlabel("ActRatio (think tokens / base)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{len(report['seeds'])} seeds, {report['n_test']} test problems each")

@@ -9,7 +9,10 @@ when given, each seed's budget sweep, ``experiments.extra_cot.study.sweep_runs``
   exact McNemar and a paired bootstrap of the accuracy difference; ``targets``: the
   targets of docs/results.md per seed; ``budget_targets``: the budget sweep's
   targets (``sweep_targets``) and, where the sweep decoded CHRPO under its budget,
-  ``budget_decode_targets``. Rows of the sweep carry their ``budget``. Strict JSON.
+  ``budget_decode_targets``. Rows of the sweep carry their ``budget``;
+  ``level_bounds`` (``level_bounds``, ``summarise_bounds``): at each budget of the sweep,
+  the most that a choice among Extra-CoT's fixed levels could answer, in hindsight, per
+  question and per difficulty. ``difficulty_key`` names the difficulty field. Strict JSON.
 
 experiments/extra_cot/study_render.py writes it as files (study.json, study.md and the
 plot accuracy_vs_actratio.png). The statistics are experiments/extra_cot/stats.py; the per-seed tables are
@@ -21,12 +24,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+import chrpo
 from experiments import rundir
 from experiments.extra_cot import evaluate, stats
 
 __all__ = ["COMPARISONS", "DIFFICULTY_METHODS", "PEERS", "POLICIES", "seed_tables", "sweep_rows",
            "sweep_tables", "frontier", "sweep_targets", "summarise", "row_key", "paired_tests",
-           "targets", "study_report"]
+           "targets", "level_bounds", "summarise_bounds", "study_report"]
 
 COMPARISONS = (
     (("extra-cot", "<COMP_20>"), ("tokenskip", "<COMP_20>")),
@@ -263,6 +267,77 @@ def targets(rows: Sequence[dict], paired: Sequence[dict], seeds: Sequence[int]) 
     return out
 
 
+def _level_of(control: str) -> int:
+    return int(control.strip("<>").rsplit("_", 1)[1])      # '<COMP_40>' -> 40
+
+
+def level_bounds(seed: int, rows: Sequence[dict], budgets: Sequence[float], *,
+                 difficulty_key: str = "n_steps", method: str = "extra-cot") -> list[dict]:
+    """What choosing among ``method``'s fixed levels could answer at each budget, at most.
+
+    Each question q was answered at every level k (``correct[q, k]``, think tokens
+    ``t[q, k]``); a choice ``c_q`` costs ``ActRatio = mean_q t[q, c_q] / mean_q t_base[q]``.
+    Two bounds per budget B, both in hindsight on these very answers (a ceiling, not a
+    method), each solved by ``chrpo.allocate_levels`` (within one question of the best):
+
+    - ``per_question``: max ``mean_q correct[q, c_q]`` at ActRatio <= B, any choice per question;
+    - ``per_difficulty``: the same where all questions of one difficulty value look alike
+      (each level's accuracy and cost averaged over the bucket), the most a policy
+      that knows only the difficulty could reach; scored on the questions' own answers.
+
+    Questions missing a level or the base model's answer are left out. Returns one entry
+    per budget and bound: ``{seed, budget, bound, acc, act_ratio, n, mean_level}`` with
+    ``mean_level`` ``{str(difficulty): mean chosen level}``; [] when the rows have no fixed
+    levels or the base model wrote no think tokens.
+    """
+    base = {r["uid"]: r for r in rows if r["method"] == "base"}
+    fixed = {(r["uid"], r["control"]): r for r in rows if r["method"] == method}
+    controls = sorted({c for _, c in fixed}, key=_level_of)
+    uids = [u for u in base if all((u, c) in fixed for c in controls)]
+    base_tokens = float(np.mean([base[u]["think_length"] for u in uids])) if uids else 0.0
+    if not controls or base_tokens <= 0:
+        return []
+    correct = np.array([[float(fixed[u, c]["correct"]) for c in controls] for u in uids])
+    cost = np.array([[fixed[u, c]["think_length"] / base_tokens for c in controls]
+                     for u in uids])
+    levels = np.array([_level_of(c) for c in controls])
+    difficulty = [fixed[u, controls[0]]["difficulty"].get(difficulty_key) for u in uids]
+    bucket_acc, bucket_cost = correct.copy(), cost.copy()
+    for d in set(difficulty):
+        rows_d = np.array([x == d for x in difficulty])
+        bucket_acc[rows_d] = correct[rows_d].mean(axis=0)
+        bucket_cost[rows_d] = cost[rows_d].mean(axis=0)
+    out, idx = [], np.arange(len(uids))
+    for budget in sorted(float(b) for b in budgets):
+        for bound, acc, price in (("per_question", correct, cost),
+                                  ("per_difficulty", bucket_acc, bucket_cost)):
+            choice, _, _ = chrpo.allocate_levels(acc, price, budget)
+            choice = np.asarray(choice)
+            by = {}
+            for d in sorted(set(difficulty) - {None}):
+                by[str(d)] = float(np.mean([levels[c] for c, x in zip(choice, difficulty)
+                                            if x == d]))
+            out.append({"seed": int(seed), "budget": budget, "bound": bound, "n": len(uids),
+                        "acc": float(correct[idx, choice].mean()),
+                        "act_ratio": float(cost[idx, choice].mean()), "mean_level": by})
+    return out
+
+
+def summarise_bounds(bounds: Sequence[dict]) -> list[dict]:
+    """Means over seeds per (bound, budget), Student-t 95% intervals (``summarise``'s)."""
+    groups: dict[tuple, list[dict]] = {}
+    for b in bounds:
+        groups.setdefault((b["bound"], b["budget"]), []).append(b)
+    out = []
+    for (bound, budget), group in sorted(groups.items(), key=lambda g: (g[0][1], g[0][0])):
+        acc = stats.mean_interval([g["acc"] for g in group])
+        out.append({"bound": bound, "budget": budget, "seeds": [g["seed"] for g in group],
+                    "acc_by_seed": [g["acc"] for g in group], "acc_mean": acc[0],
+                    "acc_ci": [max(0.0, acc[1]), min(1.0, acc[2])],
+                    "act_ratio_mean": float(np.mean([g["act_ratio"] for g in group]))})
+    return out
+
+
 def study_report(seed_rows: Mapping[int, Sequence[dict]], *, difficulty_key: str = "n_steps",
                  samples: int = 10_000,
                  sweep: Mapping[int, Mapping[tuple[str, float], Sequence[dict]]] | None = None
@@ -282,12 +357,17 @@ def study_report(seed_rows: Mapping[int, Sequence[dict]], *, difficulty_key: str
     n_test = sorted({r["n"] for r in rows if r["method"] == "base"})
     summary = summarise(rows)
     report = {"seeds": seeds, "n_test": n_test[0] if len(n_test) == 1 else n_test,
-              "rows": rows, "difficulty": diff, "summary": summary, "paired": paired,
-              "targets": targets(rows, paired, seeds)}
+              "difficulty_key": difficulty_key, "rows": rows, "difficulty": diff,
+              "summary": summary, "paired": paired, "targets": targets(rows, paired, seeds)}
     if sweep:
         report["budget_targets"] = sweep_targets(summary, diff, difficulty_key=difficulty_key)
         decoded = sweep_targets(summary, diff, difficulty_key=difficulty_key,
                                 policy="chrpo-budget")
         if decoded["per_budget"]:
             report["budget_decode_targets"] = decoded
+        budgets = sorted({b for runs in sweep.values() for _, b in runs})
+        bounds = [b for s in seeds for b in level_bounds(s, seed_rows[s], budgets,
+                                                         difficulty_key=difficulty_key)]
+        if bounds:
+            report["level_bounds"] = {"rows": bounds, "summary": summarise_bounds(bounds)}
     return rundir.strict_json(report)

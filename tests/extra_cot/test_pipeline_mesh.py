@@ -5,6 +5,7 @@ plots; every process waits at a barrier after each stage (after done.json is
 written), so the next stage reads complete files on the shared run_dir."""
 import json
 
+import jax
 import pytest
 
 from data.arithmetic import ArithmeticConfig, generate_problems
@@ -76,7 +77,12 @@ def test_only_the_main_process_writes_stage_files(tmp_path, monkeypatch, main):
     assert barriers == [("stage stage done", main)]                 # after done.json
     if main:
         assert rundir.read_jsonl(run.path("stage", "out.jsonl")) == [{"a": 1}]
-        assert json.loads((tmp_path / "run" / "stage" / "done.json").read_text())["rows"] == 1
+        done = json.loads((tmp_path / "run" / "stage" / "done.json").read_text())
+        assert done["rows"] == 1
+        # what the numbers may depend on beyond the config (docs/results.md, session 13)
+        env = done["environment"]
+        assert env["packages"]["jax"] == jax.__version__ and env["backend"] == "cpu"
+        assert env["device_count"] == jax.device_count() and env["cpu"]
 
 
 @pytest.mark.parametrize("main", [True, False])

@@ -265,3 +265,68 @@ def test_sweep_markdown_lists_every_run():
     assert "| 0 | chrpo | 0.3 |" in text and "| 0 | lcpo | 0.6 |" in text
     assert "| 0 | chrpo-budget | 0.6 |" in text
     assert "2: 20.0, 3: 60.0, 4: 60.0" in text        # chrpo at 0.3: levels by n_steps
+
+
+def bound_rows(buckets):
+    """Two questions answered by the base (10 think tokens) and at <COMP_20> / <COMP_60>
+    (2 / 6 tokens): q0 right at both levels, q1 right at <COMP_60> only."""
+    rows = []
+    for i, d in enumerate(buckets):
+        rows.append({"uid": f"q{i}", "method": "base", "control": "-", "correct": True,
+                     "valid": True, "level": None, "think_length": 10,
+                     "difficulty": {"n_steps": d}})
+        for control, tokens in (("<COMP_60>", 6), ("<COMP_20>", 2)):     # out of level order
+            rows.append({"uid": f"q{i}", "method": "extra-cot", "control": control,
+                         "correct": i == 0 or control == "<COMP_60>", "valid": True,
+                         "level": int(control[6:8]), "think_length": tokens,
+                         "difficulty": {"n_steps": d}})
+    return rows
+
+
+def test_level_bounds_by_hand():
+    # different difficulties: the easy question at <COMP_20>, the hard one at <COMP_60>:
+    # ActRatio (0.2 + 0.6) / 2 = 0.4, both right, on either bound
+    got = {(b["bound"], b["budget"]): b
+           for b in study_report.level_bounds(0, bound_rows([1, 2]), [0.2, 0.4])}
+    for bound in ("per_question", "per_difficulty"):
+        assert got[bound, 0.4]["acc"] == 1.0 and got[bound, 0.4]["act_ratio"] == pytest.approx(0.4)
+        assert got[bound, 0.4]["mean_level"] == {"1": 20.0, "2": 60.0}
+        assert got[bound, 0.2]["acc"] == 0.5 and got[bound, 0.2]["act_ratio"] == pytest.approx(0.2)
+    # one difficulty: the per-question bound still finds the hard one, the bucket cannot
+    # tell them apart and moves the first question (row order) to <COMP_60>
+    got = {(b["bound"], b["budget"]): b
+           for b in study_report.level_bounds(0, bound_rows([2, 2]), [0.4])}
+    assert got["per_question", 0.4]["acc"] == 1.0
+    assert got["per_difficulty", 0.4]["acc"] == 0.5
+    assert got["per_difficulty", 0.4]["act_ratio"] == pytest.approx(0.4)
+    assert got["per_difficulty", 0.4]["mean_level"] == {"2": 40.0}
+    # no fixed levels, or a base model without think tokens: no bound
+    assert study_report.level_bounds(0, [r for r in bound_rows([1]) if r["method"] == "base"],
+                                     [0.3]) == []
+    silent = [{**r, "think_length": 0} if r["method"] == "base" else r for r in bound_rows([1])]
+    assert study_report.level_bounds(0, silent, [0.3]) == []
+
+
+def test_level_bounds_in_the_report(tmp_path):
+    seeds = (0, 1, 2)
+    rows = {s: verdicts(s) for s in seeds}
+    report = study_report.study_report(rows, samples=200,
+                                       sweep={s: sweep_verdicts(s) for s in seeds})
+    assert report["difficulty_key"] == "n_steps"
+    bounds = report["level_bounds"]
+    assert {(b["bound"], b["budget"], b["seed"]) for b in bounds["rows"]} == {
+        (k, b, s) for k in ("per_question", "per_difficulty") for b in (0.3, 0.6) for s in seeds}
+    for b in bounds["rows"]:
+        # one fixed level (<COMP_20>, ActRatio 0.2) in these verdicts: the bound is it
+        c20 = next(r for r in report["rows"] if r["seed"] == b["seed"]
+                   and r["method"] == "extra-cot" and r["budget"] is None)
+        assert b["acc"] == pytest.approx(c20["acc"]) and b["act_ratio"] == pytest.approx(0.2)
+    s = next(t for t in bounds["summary"] if t["bound"] == "per_question" and t["budget"] == 0.3)
+    accs = [b["acc"] for b in bounds["rows"] if b["bound"] == "per_question"
+            and b["budget"] == 0.3]
+    assert s["acc_mean"] == pytest.approx(np.mean(accs))
+    text = study_render.markdown(report)
+    assert "| 0.3 | per_question | " + f"{100 * s['acc_mean']:.1f}" in text
+    paths = study_render.write_report(report, str(tmp_path))     # the plot draws the ceilings
+    assert os.path.getsize(paths[2]) > 0
+    assert json.load(open(paths[0]))["level_bounds"]["summary"] == bounds["summary"]
