@@ -89,22 +89,25 @@ def markdown(report: Mapping) -> str:
         if not report.get(key):
             continue
         lines += ["", f"Budget targets of {who} (means over seeds; the frontier is Extra-CoT's "
-                  "fixed levels interpolated at the policy's ActRatio; peers: the policy minus "
-                  "the peer, points, and the same on the frontier-relative scale):", "",
-                  "| budget | ActRatio | met | Acc (%) | frontier (%) | margin | level gap | "
-                  "vs peers |", "|---:|---:|---|---:|---:|---:|---:|---|"]
+                  "fixed levels interpolated at the policy's ActRatio; vs ceiling: the policy "
+                  "minus the per-difficulty fixed-level ceiling at the budget; peers: the policy "
+                  "minus the peer, points, and the same on the frontier-relative scale):", "",
+                  "| budget | ActRatio | met | Acc (%) | frontier (%) | margin | "
+                  "vs ceiling | level gap | vs peers |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|---|"]
         for e in report[key]["per_budget"]:
             peers = "; ".join(
                 f"{m} {100 * p['acc_diff']:+.1f}"
                 + ("" if p["matched_margin"] is None else f" ({100 * p['matched_margin']:+.1f})")
                 for m, p in e["vs_peers"].items()) or "-"
-            gap, margin = e.get("level_gap"), e["frontier_margin"]
+            gap, margin, ceil = e.get("level_gap"), e["frontier_margin"], e.get("ceiling_margin")
             ratio, met = e["act_ratio"], e["budget_met"]
             lines.append(f"| {e['budget']:g} | {'-' if ratio is None else f'{ratio:.3f}'} | "
                          f"{'-' if met is None else ('yes' if met else 'no')} | "
                          f"{_pct(e['acc'])} | "
                          f"{_pct(e['frontier_acc'])} | "
                          f"{'-' if margin is None else f'{100 * margin:+.1f}'} | "
+                         f"{'-' if ceil is None else f'{100 * ceil:+.1f}'} | "
                          f"{'-' if gap is None else f'{gap:+.1f}'} | {peers} |")
     return "\n".join(lines + _bound_lines(report) + _level_lines(report)) + "\n"
 

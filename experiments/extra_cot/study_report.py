@@ -12,7 +12,9 @@ when given, each seed's budget sweep, ``experiments.extra_cot.study.sweep_runs``
   ``budget_decode_targets``. Rows of the sweep carry their ``budget``;
   ``level_bounds`` (``level_bounds``, ``summarise_bounds``): at each budget of the sweep,
   the most that a choice among Extra-CoT's fixed levels could answer, in hindsight, per
-  question and per difficulty. ``difficulty_key`` names the difficulty field. Strict JSON.
+  question and per difficulty, and in each budget target entry ``ceiling_margin``: the
+  policy's accuracy minus the per-difficulty ceiling. ``difficulty_key`` names the
+  difficulty field. Strict JSON.
 
 experiments/extra_cot/study_render.py writes it as files (study.json, study.md and the
 plot accuracy_vs_actratio.png). The statistics are experiments/extra_cot/stats.py; the per-seed tables are
@@ -370,4 +372,12 @@ def study_report(seed_rows: Mapping[int, Sequence[dict]], *, difficulty_key: str
                                                          difficulty_key=difficulty_key)]
         if bounds:
             report["level_bounds"] = {"rows": bounds, "summary": summarise_bounds(bounds)}
+            ceiling = {t["budget"]: t["acc_mean"] for t in report["level_bounds"]["summary"]
+                       if t["bound"] == "per_difficulty"}
+            for key in ("budget_targets", "budget_decode_targets"):
+                for e in report.get(key, {}).get("per_budget", ()):
+                    # the policy against the best level mix per difficulty at its budget
+                    c = ceiling.get(e["budget"])
+                    e["ceiling_acc"] = c
+                    e["ceiling_margin"] = None if c is None else e["acc"] - c
     return rundir.strict_json(report)

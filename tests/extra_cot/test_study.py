@@ -325,8 +325,14 @@ def test_level_bounds_in_the_report(tmp_path):
     accs = [b["acc"] for b in bounds["rows"] if b["bound"] == "per_question"
             and b["budget"] == 0.3]
     assert s["acc_mean"] == pytest.approx(np.mean(accs))
+    # each budget target names the policy's margin over the per-difficulty ceiling
+    ceiling = next(t for t in bounds["summary"] if t["bound"] == "per_difficulty"
+                   and t["budget"] == 0.3)["acc_mean"]
+    entry = next(e for e in report["budget_decode_targets"]["per_budget"] if e["budget"] == 0.3)
+    assert entry["ceiling_margin"] == pytest.approx(entry["acc"] - ceiling)
     text = study_render.markdown(report)
     assert "| 0.3 | per_question | " + f"{100 * s['acc_mean']:.1f}" in text
+    assert f"| {100 * entry['ceiling_margin']:+.1f} | " in text
     paths = study_render.write_report(report, str(tmp_path))     # the plot draws the ceilings
     assert os.path.getsize(paths[2]) > 0
     assert json.load(open(paths[0]))["level_bounds"]["summary"] == bounds["summary"]
