@@ -31,8 +31,8 @@ import os
 import platform
 import sys
 import time
-from importlib import metadata
 from collections.abc import Callable
+from importlib import metadata
 from typing import Any
 
 import ml_collections

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from collections.abc import Mapping, Sequence
 
 from experiments.extra_cot import evaluate
@@ -126,7 +127,7 @@ def _bound_lines(report: Mapping) -> list[str]:
         got = [b for b in bounds["rows"] if b["bound"] == t["bound"]
                and b["budget"] == t["budget"]]
         keys = sorted({k for b in got for k in b["mean_level"]}, key=_numeric_first)
-        means = {k: _mean([b["mean_level"][k] for b in got if k in b["mean_level"]])
+        means = {k: statistics.fmean(b["mean_level"][k] for b in got if k in b["mean_level"])
                  for k in keys}
         level = "; ".join(f"{k}: {v:.1f}" for k, v in means.items())
         lines.append(f"| {t['budget']:g} | {t['bound']} | {_pct(t['acc_mean'])} | "
@@ -134,10 +135,6 @@ def _bound_lines(report: Mapping) -> list[str]:
                      f"{t['act_ratio_mean']:.3f} | "
                      + " / ".join(_pct(a) for a in t["acc_by_seed"]) + f" | {level or '-'} |")
     return lines
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _numeric_first(key: str):

@@ -123,7 +123,7 @@ def frontier(summary: Sequence[dict], act_ratio: float, *, method: str = "extra-
 def sweep_targets(summary: Sequence[dict], difficulty: Sequence[dict], *,
                   difficulty_key: str = "n_steps", tolerance: float = 0.05,
                   adapt_budget: float = 0.3, adapt_gap: float = 15.0,
-                  policy: str = "chrpo") -> dict:
+                  policy: str = "chrpo", ceiling: Mapping[float, float] | None = None) -> dict:
     """The budget targets of docs/results.md on the means over seeds, per budget, for
     ``policy`` ('chrpo', or 'chrpo-budget': the same policy decoded under its budget):
 
@@ -136,7 +136,9 @@ def sweep_targets(summary: Sequence[dict], difficulty: Sequence[dict], *,
     - ``vs_peers``: CHRPO's accuracy minus each peer's at the same budget
       (``acc_diff``), and at matched ActRatio (``matched_margin``: CHRPO's frontier
       margin minus the peer's, each accuracy measured against the frontier at the
-      method's own ActRatio).
+      method's own ActRatio);
+    - ``ceiling_margin`` (where ``ceiling`` gives the budget's per-difficulty fixed-level
+      ceiling, ``level_bounds``): the policy's accuracy minus it.
     """
     base = next((t for t in summary if t["method"] == "base" and t["budget"] is None), None)
     out = []
@@ -173,8 +175,18 @@ def sweep_targets(summary: Sequence[dict], difficulty: Sequence[dict], *,
                         "matched_margin": None if edge is None or peer_edge is None else
                         (pol["acc_mean"] - edge) - (t["acc_mean"] - peer_edge)}
         entry["vs_peers"] = peers
+        if ceiling is not None:
+            c = ceiling.get(b)
+            entry["ceiling_acc"] = c
+            entry["ceiling_margin"] = None if c is None else pol["acc_mean"] - c
         out.append(entry)
     return {"per_budget": out}
+
+
+def _acc_interval(accs: Sequence[float]) -> tuple[float, list[float]]:
+    """An accuracy's mean over seeds and its Student-t 95% interval, clipped to [0, 1]."""
+    mean, lo, hi = stats.mean_interval(accs)
+    return mean, [max(0.0, lo), min(1.0, hi)]
 
 
 def row_key(row: Mapping) -> tuple:
@@ -192,13 +204,13 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
     for (method, control, budget), group in groups.items():
         group = sorted(group, key=lambda r: r["seed"])
         accs = [r["acc"] for r in group]
-        acc, acc_lo, acc_hi = stats.mean_interval(accs)
+        acc, acc_ci = _acc_interval(accs)
         ratios = [r["act_ratio"] for r in group if r["act_ratio"] is not None
                   and np.isfinite(r["act_ratio"])]
         ratio = stats.mean_interval(ratios) if ratios else (None, None, None)
         out.append({"method": method, "control": control, "budget": budget,
                     "seeds": [r["seed"] for r in group], "acc_by_seed": accs,
-                    "acc_mean": acc, "acc_ci": [max(0.0, acc_lo), min(1.0, acc_hi)],
+                    "acc_mean": acc, "acc_ci": acc_ci,
                     "acc_spread": max(accs) - min(accs),
                     "act_ratio_mean": ratio[0],
                     "act_ratio_ci": [None if ratio[1] is None else max(0.0, ratio[1]), ratio[2]],
@@ -332,10 +344,10 @@ def summarise_bounds(bounds: Sequence[dict]) -> list[dict]:
         groups.setdefault((b["bound"], b["budget"]), []).append(b)
     out = []
     for (bound, budget), group in sorted(groups.items(), key=lambda g: (g[0][1], g[0][0])):
-        acc = stats.mean_interval([g["acc"] for g in group])
+        acc, acc_ci = _acc_interval([g["acc"] for g in group])
         out.append({"bound": bound, "budget": budget, "seeds": [g["seed"] for g in group],
-                    "acc_by_seed": [g["acc"] for g in group], "acc_mean": acc[0],
-                    "acc_ci": [max(0.0, acc[1]), min(1.0, acc[2])],
+                    "acc_by_seed": [g["acc"] for g in group], "acc_mean": acc,
+                    "acc_ci": acc_ci,
                     "act_ratio_mean": float(np.mean([g["act_ratio"] for g in group]))})
     return out
 
@@ -362,22 +374,18 @@ def study_report(seed_rows: Mapping[int, Sequence[dict]], *, difficulty_key: str
               "difficulty_key": difficulty_key, "rows": rows, "difficulty": diff,
               "summary": summary, "paired": paired, "targets": targets(rows, paired, seeds)}
     if sweep:
-        report["budget_targets"] = sweep_targets(summary, diff, difficulty_key=difficulty_key)
-        decoded = sweep_targets(summary, diff, difficulty_key=difficulty_key,
-                                policy="chrpo-budget")
-        if decoded["per_budget"]:
-            report["budget_decode_targets"] = decoded
         budgets = sorted({b for runs in sweep.values() for _, b in runs})
         bounds = [b for s in seeds for b in level_bounds(s, seed_rows[s], budgets,
                                                          difficulty_key=difficulty_key)]
+        ceiling = None
         if bounds:
             report["level_bounds"] = {"rows": bounds, "summary": summarise_bounds(bounds)}
             ceiling = {t["budget"]: t["acc_mean"] for t in report["level_bounds"]["summary"]
                        if t["bound"] == "per_difficulty"}
-            for key in ("budget_targets", "budget_decode_targets"):
-                for e in report.get(key, {}).get("per_budget", ()):
-                    # the policy against the best level mix per difficulty at its budget
-                    c = ceiling.get(e["budget"])
-                    e["ceiling_acc"] = c
-                    e["ceiling_margin"] = None if c is None else e["acc"] - c
+        report["budget_targets"] = sweep_targets(summary, diff, difficulty_key=difficulty_key,
+                                                 ceiling=ceiling)
+        decoded = sweep_targets(summary, diff, difficulty_key=difficulty_key,
+                                policy="chrpo-budget", ceiling=ceiling)
+        if decoded["per_budget"]:
+            report["budget_decode_targets"] = decoded
     return rundir.strict_json(report)
